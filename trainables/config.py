@@ -1,0 +1,244 @@
+"""`RunConfig`: the validated description of one distillation run.
+
+Everything a trial receives passes through here, so every mistake a user can make in a file or a
+search space is caught with the field named. Checks that need the teacher's architecture (layer
+indices, head counts) live in `check_against_teacher`, which callers run before training starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from trainables.objectives import REGISTRY, Stage
+
+InitPreset = Literal["random", "lower", "upper", "skip"]
+MappingPreset = Literal["skip", "last", "combine"]
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors: a typo in a config file must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LocalTask(StrictModel):
+    """A classification or regression task read from local CSV / JSON / Parquet files."""
+
+    name: str = "local"
+    train_file: Path
+    validation_file: Path
+    text_columns: tuple[str] | tuple[str, str] = ("text",)
+    label_column: str = "label"
+    num_labels: int | None = Field(
+        default=None, ge=1, description="1 means regression; None infers from the training file"
+    )
+
+
+class PretrainedInit(StrictModel):
+    """Initialise the student from a small pretrained model instead of teacher layers."""
+
+    pretrained: str
+
+
+class StudentConfig(StrictModel):
+    num_layers: int = Field(default=3, ge=1, description="the study's task-specific student has 3")
+    hidden_size: int | None = Field(default=None, ge=8, description="None keeps the teacher's width")
+    num_attention_heads: int | None = Field(default=None, ge=1)
+    intermediate_size: int | None = Field(default=None, ge=8)
+    init: InitPreset | list[Annotated[int, Field(ge=0)]] | PretrainedInit = "skip"
+
+    @model_validator(mode="after")
+    def _init_matches_depth(self) -> StudentConfig:
+        if isinstance(self.init, list):
+            if len(self.init) != self.num_layers:
+                raise ValueError(
+                    f"student.init lists {len(self.init)} teacher layers {self.init} but "
+                    f"student.num_layers is {self.num_layers}: give one teacher layer per student layer"
+                )
+        if self.hidden_size is not None and self.init not in ("random",) and not isinstance(
+            self.init, PretrainedInit
+        ):
+            raise ValueError(
+                f"student.init {self.init!r}: a student of hidden_size {self.hidden_size} cannot copy "
+                "teacher layers of another width; use init 'random' or {pretrained: PATH}"
+            )
+        return self
+
+    @property
+    def init_name(self) -> str:
+        """A short label for tables and tags: `skip`, `layers_0_1_2`, `pretrained`."""
+        if isinstance(self.init, list):
+            return "layers_" + "_".join(str(i) for i in self.init)
+        if isinstance(self.init, PretrainedInit):
+            return "pretrained"
+        return self.init
+
+
+class ObjectiveSpec(BaseModel):
+    """One term of the loss: a registered objective, its weight and its own parameters."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str
+    weight: float = Field(default=1.0, ge=0.0)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in REGISTRY:
+            raise ValueError(f"unknown objective {name!r}; known: {', '.join(sorted(REGISTRY))}")
+        return name
+
+    @model_validator(mode="after")
+    def _params_valid(self) -> ObjectiveSpec:
+        REGISTRY[self.name].parse_params(self.params)
+        return self
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class TrainingConfig(StrictModel):
+    """Hyperparameters, named as in Hugging Face `TrainingArguments`."""
+
+    learning_rate: float = Field(default=5e-5, gt=0.0)
+    per_device_train_batch_size: int = Field(default=32, ge=1)
+    per_device_eval_batch_size: int = Field(default=64, ge=1)
+    num_train_epochs: float = Field(default=3.0, gt=0.0)
+    max_steps: int = Field(default=-1, ge=-1, description="> 0 overrides num_train_epochs")
+    warmup_ratio: float = Field(default=0.06, ge=0.0, le=1.0)
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(default=0.98, ge=0.0, lt=1.0)
+    adam_epsilon: float = Field(default=1e-6, gt=0.0)
+    max_grad_norm: float = Field(default=1.0, ge=0.0, description="0 disables clipping")
+    lr_scheduler_type: Literal["linear", "constant_with_warmup", "cosine", "polynomial"] = "linear"
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    eval_steps: int = Field(default=100, ge=1)
+    save_steps: int | None = Field(default=None, ge=1, description="None saves at every evaluation")
+    max_seq_length: int = Field(default=128, ge=8)
+    seed: int = 42
+    bf16: bool = False
+    fp16: bool = False
+    max_train_samples: int | None = Field(default=None, ge=1)
+    max_eval_samples: int | None = Field(default=None, ge=1)
+    group_by_length: bool = False
+    dataloader_num_workers: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_precision(self) -> TrainingConfig:
+        if self.bf16 and self.fp16:
+            raise ValueError("training.bf16 and training.fp16 are both true: choose one")
+        return self
+
+
+class FidelityConfig(StrictModel):
+    """Switches that reproduce quirks of the study's released code (shared/paper_spec.md).
+
+    Defaults are the clean behaviour; set a switch to true to match the authors' numbers.
+    """
+
+    ild_scale_by_batch: bool = Field(
+        default=False,
+        description="scale intermediate-layer terms by 1/batch size against CE/KD, as fairseq did (3.10)",
+    )
+    count_padding: bool = Field(
+        default=False,
+        description="average hidden MSE, value relations and attention MSE over padded positions too",
+    )
+    teacher_dropout: bool = Field(
+        default=False, description="keep the teacher's dropout active while distilling (7.1)"
+    )
+
+
+class RunConfig(StrictModel):
+    """One distillation run. Paths are kept as given; the run resolves them against its cwd."""
+
+    task: str | LocalTask = "demo"
+    teacher: str = Field(description="local directory, hub id, or MLflow model URI (models:/, runs:/)")
+    student: StudentConfig = StudentConfig()
+    objectives: list[ObjectiveSpec] = Field(default_factory=lambda: [ObjectiveSpec(name="kd", weight=0.5)])
+    ce_weight: float = Field(default=0.5, ge=0.0, description="weight of cross-entropy on gold labels")
+    mapping: MappingPreset | list[Annotated[int, Field(ge=0)]] = "skip"
+    stages: Literal["one_stage", "two_stage"] = "one_stage"
+    training: TrainingConfig = TrainingConfig()
+    fidelity: FidelityConfig = FidelityConfig()
+    output_dir: Path = Path("runs/default")
+    cache_dir: Path | None = Field(default=None, description="tokenisation cache; None uses ~/.cache/distillsweep")
+    metric_for_best_model: str | None = None
+
+    @model_validator(mode="after")
+    def _coherent(self) -> RunConfig:
+        names = [o.name for o in self.objectives]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"objectives: {duplicates} listed more than once; give each objective once")
+        if not self.objectives and self.ce_weight == 0:
+            raise ValueError("objectives is empty and ce_weight is 0: the run would have no loss")
+        if isinstance(self.mapping, list) and len(self.mapping) > self.student.num_layers:
+            raise ValueError(
+                f"mapping lists {len(self.mapping)} teacher layers {self.mapping} but the student has "
+                f"{self.student.num_layers} layers: give at most one teacher layer per student layer"
+            )
+        if self.stages == "two_stage":
+            if not any(REGISTRY[n].stage is Stage.INTERMEDIATE for n in names):
+                raise ValueError(
+                    "stages two_stage: objectives hold no intermediate-layer objective for stage 1; "
+                    f"add one of {sorted(n for n, o in REGISTRY.items() if o.stage is Stage.INTERMEDIATE)}"
+                )
+        return self
+
+    @property
+    def objective_mix(self) -> str:
+        """A stable label of the loss terms, e.g. `att_mse+hidden_mse`."""
+        return "+".join(sorted(o.name for o in self.objectives)) or "ce"
+
+
+def check_against_teacher(cfg: RunConfig, teacher_layers: int, teacher_heads: int) -> None:
+    """Reject settings that the teacher's architecture makes impossible, naming the field."""
+    last = teacher_layers - 1
+    init = cfg.student.init
+    if cfg.student.num_layers > teacher_layers and not isinstance(init, PretrainedInit) and init != "random":
+        raise ValueError(
+            f"student.num_layers {cfg.student.num_layers}: teacher has only {teacher_layers} layers to copy from"
+        )
+    if isinstance(init, list) and any(i > last for i in init):
+        raise ValueError(f"student.init {init}: teacher has {teacher_layers} layers (0-{last})")
+    if isinstance(cfg.mapping, list) and any(i > last for i in cfg.mapping):
+        raise ValueError(f"mapping {cfg.mapping}: teacher has {teacher_layers} layers (0-{last})")
+    student_heads = cfg.student.num_attention_heads or teacher_heads
+    for spec in cfg.objectives:
+        if REGISTRY[spec.name].matches_heads and student_heads != teacher_heads:
+            raise ValueError(
+                f"objectives {spec.name!r} matches attention heads one to one, but the student has "
+                f"{student_heads} heads and the teacher {teacher_heads}: set student.num_attention_heads "
+                f"to {teacher_heads} or choose another objective"
+            )
+
+
+def load_run_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML run config, apply dotted overrides (`training.learning_rate=1e-4`), validate."""
+    import yaml
+
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of config fields, got {type(raw).__name__}")
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
+    return RunConfig.model_validate(raw)
+
+
+def set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
+    """Set `tree['a']['b'] = value` for key `a.b`, creating intermediate mappings."""
+    *parents, leaf = dotted_key.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"--set {dotted_key}: {part!r} holds {child!r}, not a mapping")
+        node = child
+    node[leaf] = value
