@@ -242,3 +242,36 @@ def set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
             raise ValueError(f"--set {dotted_key}: {part!r} holds {child!r}, not a mapping")
         node = child
     node[leaf] = value
+
+
+MIX_KEY = "objectives.mix"
+
+
+def resolve_run_config(base: dict[str, Any], assignments: dict[str, Any]) -> RunConfig:
+    """Build a trial's RunConfig from the sweep's base config and the values its trial drew.
+
+    `assignments` maps dotted RunConfig paths to values. Two keys are special, so that objective
+    mixes and their per-objective parameters can be searched:
+    `objectives.mix` lists objective names; `objectives.<name>.<param>` sets a parameter of that
+    objective and is ignored (it was not sampled) when `<name>` is not in the mix.
+    """
+    import copy
+
+    raw = copy.deepcopy(base)
+    objective_params: dict[str, dict[str, Any]] = {}
+    mix = assignments.get(MIX_KEY)
+    for key, value in assignments.items():
+        if key == MIX_KEY:
+            continue
+        parts = key.split(".")
+        if parts[0] == "objectives" and len(parts) == 3:
+            objective_params.setdefault(parts[1], {})[parts[2]] = value
+        else:
+            set_dotted(raw, key, value)
+    if mix is not None:
+        defaults = {o["name"]: o for o in raw.get("objectives", []) if isinstance(o, dict) and "name" in o}
+        raw["objectives"] = [{**defaults.get(name, {"name": name}), **objective_params.get(name, {})} for name in mix]
+    elif objective_params:
+        for entry in raw.get("objectives", []):
+            entry.update(objective_params.get(entry.get("name"), {}))
+    return RunConfig.model_validate(raw)

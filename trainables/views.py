@@ -34,13 +34,14 @@ class ModelView:
         return len(self.hidden_states) - 1
 
     def attention_scores(self, layer: int) -> Tensor:
-        """Pre-softmax scaled scores Q K^T / sqrt(d_head), [B, H, T, T], without the padding mask."""
+        """Pre-softmax scaled scores Q K^T / sqrt(d_head), [B, H, T, T], in float32, without the
+        padding mask (half-precision scores lose the small differences the objectives compare)."""
         if not self.queries:
             raise RuntimeError(
                 "attention objective got no attention maps: the query/key hooks captured nothing. "
                 "The model type may not expose `encoder.layer[i].attention.self.query/key/value`."
             )
-        q, k = self.queries[layer], self.keys[layer]
+        q, k = self.queries[layer].float(), self.keys[layer].float()
         return q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
 
 

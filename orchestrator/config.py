@@ -1,0 +1,203 @@
+"""`SweepSpec`: a search-space file, typed and validated before anything starts.
+
+A file says *what* to explore: a base run config, a space of dotted RunConfig paths with fixed
+values or distributions, how to search and schedule, what each trial may use, and where results
+and MLflow records go. Nothing in it is Python.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from trainables.config import StrictModel, TrainingConfig, set_dotted
+
+DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint", "quniform")
+
+
+class Distribution(StrictModel):
+    """One searched value. Exactly one field is set; `grid` values are all tried."""
+
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+    quniform: tuple[float, float, float] | None = None
+
+    @model_validator(mode="after")
+    def _well_formed(self) -> Distribution:
+        kind = self.kind
+        value = getattr(self, kind)
+        if kind in ("grid", "choice") and not value:
+            raise ValueError(f"{kind} is empty: list at least one value")
+        if kind in ("uniform", "loguniform", "randint", "quniform") and not value[0] < value[1]:
+            raise ValueError(f"{kind} [{value[0]}, {value[1]}]: the lower bound must be below the upper")
+        if kind == "loguniform" and value[0] <= 0:
+            raise ValueError(f"loguniform [{value[0]}, {value[1]}]: bounds must be positive")
+        if kind == "quniform" and value[2] <= 0:
+            raise ValueError(f"quniform step {value[2]} must be positive")
+        return self
+
+    @property
+    def kind(self) -> str:
+        set_fields = [name for name in DISTRIBUTIONS if getattr(self, name) is not None]
+        if len(set_fields) != 1:
+            raise ValueError(f"give exactly one of {', '.join(DISTRIBUTIONS)}")
+        return set_fields[0]
+
+    def representatives(self) -> list[Any]:
+        """Values that stand for the whole distribution when checking configs before a sweep."""
+        value = getattr(self, self.kind)
+        if self.kind in ("grid", "choice"):
+            return list(value)
+        return [value[0], value[1]]
+
+
+def is_distribution(value: Any) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in DISTRIBUTIONS
+
+
+class SearchConfig(StrictModel):
+    algorithm: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int = Field(default=1, ge=1, description="repeats of the grid, or samples to draw")
+    metric: str | list[str] = "score"
+    mode: Literal["max", "min"] | list[Literal["max", "min"]] = "max"
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _objectives_agree(self) -> SearchConfig:
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        modes = self.mode if isinstance(self.mode, list) else [self.mode]
+        if len(metrics) != len(modes):
+            raise ValueError(f"search.metric lists {len(metrics)} metrics but search.mode {len(modes)} modes")
+        if len(metrics) > 1 and self.algorithm != "optuna":
+            raise ValueError("several search.metric values (multi-objective) need search.algorithm optuna")
+        return self
+
+    @property
+    def multi_objective(self) -> bool:
+        return isinstance(self.metric, list) and len(self.metric) > 1
+
+
+class SchedulerConfig(StrictModel):
+    type: Literal["none", "asha", "median", "pbt"] = "none"
+    time_attr: str = "training_iteration"
+    max_t: int = Field(default=100, ge=1)
+    grace_period: int = Field(default=1, ge=1)
+    reduction_factor: float = Field(default=2.0, gt=1.0)
+    perturbation_interval: int = Field(default=2, ge=1)
+    hyperparam_mutations: dict[str, Distribution] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> SchedulerConfig:
+        if self.type == "asha" and self.grace_period > self.max_t:
+            raise ValueError(f"scheduler.grace_period {self.grace_period} exceeds scheduler.max_t {self.max_t}")
+        if self.type == "pbt" and not self.hyperparam_mutations:
+            raise ValueError("scheduler pbt needs hyperparam_mutations (e.g. training.learning_rate)")
+        return self
+
+
+class Resources(StrictModel):
+    cpu: float = Field(default=1.0, gt=0)
+    gpu: float = Field(default=0.0, ge=0)
+
+    @field_validator("gpu")
+    @classmethod
+    def _fraction_or_whole(cls, gpu: float) -> float:
+        if gpu > 1 and not float(gpu).is_integer():
+            raise ValueError(
+                f"{gpu}: a fractional GPU share must be at most 1 (several trials share a GPU); "
+                "ask for whole GPUs above 1"
+            )
+        return gpu
+
+
+class TrackingConfig(StrictModel):
+    uri: str | None = Field(default=None, description="None: $MLFLOW_TRACKING_URI or SQLite in the storage folder")
+    experiment: str = "distillsweep"
+
+
+class TeacherFinetune(StrictModel):
+    """Fine-tune one teacher per task of the sweep before trials start (cached across sweeps)."""
+
+    base_model: str
+    training: TrainingConfig = TrainingConfig(learning_rate=2e-5, num_train_epochs=3.0)
+    output_root: Path | None = None
+
+
+class SweepSpec(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    base: dict[str, Any] = Field(description="a run config; the space's values are set on top of it")
+    space: dict[str, Any] = Field(default_factory=dict)
+    search: SearchConfig = SearchConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    resources: Resources = Resources()
+    max_concurrent_trials: int | None = Field(default=None, ge=1)
+    storage: str = Field(default="runs/sweeps", description="local folder or URI (s3://, gs://, NFS path)")
+    tracking: TrackingConfig = TrackingConfig()
+    max_failures: int = Field(default=2, ge=-1, description="retries per trial; -1 retries forever")
+    teacher_finetune: TeacherFinetune | None = None
+    teachers: dict[str, str] = Field(default_factory=dict, description="task name -> teacher, per task")
+
+    @field_validator("space")
+    @classmethod
+    def _parse_space(cls, space: dict[str, Any]) -> dict[str, Any]:
+        parsed: dict[str, Any] = {}
+        for key, value in space.items():
+            if is_distribution(value):
+                try:
+                    parsed[key] = Distribution.model_validate(value)
+                except ValueError as err:
+                    raise ValueError(f"space.{key}: {first_message(err)}") from None
+            elif isinstance(value, dict) and set(value) & set(DISTRIBUTIONS):
+                raise ValueError(f"space.{key}: give exactly one of {', '.join(DISTRIBUTIONS)}, got {sorted(value)}")
+            else:
+                parsed[key] = value
+        return parsed
+
+    @property
+    def grid_size(self) -> int:
+        return math.prod(len(d.grid) for d in self.space.values() if isinstance(d, Distribution) and d.grid)
+
+    @property
+    def trial_count(self) -> int:
+        """Trials Tune will run: every grid point, `num_samples` times."""
+        return self.grid_size * self.search.num_samples
+
+    def storage_root(self) -> str:
+        """Absolute local folder, or the URI unchanged."""
+        if "://" in self.storage:
+            return self.storage
+        return str(Path(self.storage).expanduser().resolve())
+
+
+def first_message(err: Exception) -> str:
+    errors = getattr(err, "errors", None)
+    if callable(errors):
+        return errors()[0]["msg"].removeprefix("Value error, ")
+    return str(err)
+
+
+def load_sweep_spec(path: Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
+    """Read a space file and apply `--set` overrides (dotted keys into the file's structure).
+
+    `--set base.training.max_steps=10` edits the base config; `--set space.training.seed=[1,2]`
+    fixes a space entry (keys inside `space` and `teachers` are dotted paths themselves, so
+    everything after `space.` is one key).
+    """
+    raw = yaml.safe_load(Path(path).read_text())
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping with name, base, space, ...")
+    raw.setdefault("name", Path(path).stem)
+    for key, value in (overrides or {}).items():
+        head, _, rest = key.partition(".")
+        if head in ("space", "teachers") and rest:
+            raw.setdefault(head, {})[rest] = value
+        else:
+            set_dotted(raw, key, value)
+    return SweepSpec.model_validate(raw)

@@ -1,0 +1,187 @@
+"""From a `SweepSpec`'s space to what Tune and Optuna sample, and the whole-space check.
+
+Objective parameters are conditional: `objectives.kd.weight` is drawn only for trials whose
+`objectives.mix` contains `kd`. Tune's variant generator gets that through `sample_from`;
+Optuna gets a define-by-run function, so its TPE model never sees parameters that did not apply.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import ValidationError
+
+from orchestrator.config import Distribution, SweepSpec
+from orchestrator.messages import UserError, describe_error
+from trainables.config import MIX_KEY, RunConfig, check_against_teacher, resolve_run_config
+
+MAX_CHECKED_COMBINATIONS = 20_000
+
+
+def objective_of(key: str) -> str | None:
+    """`objectives.kd.weight` -> `kd`; other keys -> None."""
+    parts = key.split(".")
+    return parts[1] if parts[0] == "objectives" and len(parts) == 3 else None
+
+
+def mixes(spec: SweepSpec) -> list[list[str]]:
+    """Every objective mix a trial can get."""
+    value = spec.space.get(MIX_KEY)
+    if isinstance(value, Distribution):
+        return [list(m) for m in value.representatives()]
+    if value is not None:
+        return [list(value)]
+    return [[o["name"] for o in spec.base.get("objectives", []) if isinstance(o, dict) and "name" in o]]
+
+
+# --- checking -------------------------------------------------------------------------------
+
+
+def representative_assignments(spec: SweepSpec) -> list[dict[str, Any]]:
+    """Assignments covering every grid/choice value and both bounds of every range.
+
+    The full product when it is small; otherwise each key's values are varied one at a time.
+    """
+    keys = list(spec.space)
+    options = [
+        spec.space[k].representatives() if isinstance(spec.space[k], Distribution) else [spec.space[k]]
+        for k in keys
+    ]
+    total = 1
+    for values in options:
+        total *= len(values)
+    if total <= MAX_CHECKED_COMBINATIONS:
+        return [dict(zip(keys, combo)) for combo in itertools.product(*options)]
+    first = {k: values[0] for k, values in zip(keys, options)}
+    return [dict(first, **{k: v}) for k, values in zip(keys, options) for v in values]
+
+
+def check_space(spec: SweepSpec, teacher_shape: Callable[[RunConfig], tuple[int, int]]) -> list[RunConfig]:
+    """Validate every representative trial config; raise one error naming the space entries."""
+    for key in spec.space:
+        name = objective_of(key)
+        if name is not None and not any(name in mix for mix in mixes(spec)):
+            raise UserError(f"space.{key}: objective {name!r} is in no objective mix of this sweep")
+    configs = []
+    shapes: dict[str, tuple[int, int]] = {}
+    for assignment in representative_assignments(spec):
+        try:
+            cfg = resolve_run_config(spec.base, assignment)
+            if cfg.teacher not in shapes:
+                shapes[cfg.teacher] = teacher_shape(cfg)
+            check_against_teacher(cfg, *shapes[cfg.teacher])
+        except (ValidationError, ValueError) as err:
+            drawn = ", ".join(f"{k}={v!r}" for k, v in assignment.items()) or "the base config"
+            raise UserError(f"trial with {drawn} is invalid: {describe_error(err)}") from None
+        configs.append(cfg)
+    return configs
+
+
+# --- Tune -----------------------------------------------------------------------------------
+
+
+def tune_domain(dist: Distribution) -> Any:
+    from ray import tune
+
+    kind, value = dist.kind, getattr(dist, dist.kind)
+    if kind == "grid":
+        return tune.grid_search(list(value))
+    if kind == "choice":
+        return tune.choice(list(value))
+    if kind == "uniform":
+        return tune.uniform(*value)
+    if kind == "loguniform":
+        return tune.loguniform(*value)
+    if kind == "randint":
+        return tune.randint(value[0], value[1] + 1)
+    return tune.quniform(*value)
+
+
+def tune_param_space(spec: SweepSpec) -> dict[str, Any]:
+    """Tune's param_space: distributions as Tune domains, objective parameters conditional."""
+    from ray import tune
+
+    space: dict[str, Any] = {}
+    for key, value in spec.space.items():
+        domain = tune_domain(value) if isinstance(value, Distribution) else value
+        name = objective_of(key)
+        if name is not None and MIX_KEY in spec.space and isinstance(value, Distribution) and value.kind != "grid":
+            space[key] = tune.sample_from(conditional_sampler(name, domain))
+        else:
+            space[key] = domain
+    return space
+
+
+def conditional_sampler(name: str, domain: Any) -> Callable[[Any], Any]:
+    def sample(trial_spec: Any) -> Any:
+        return domain.sample() if name in trial_spec.config[MIX_KEY] else None
+
+    return sample
+
+
+# --- Optuna ---------------------------------------------------------------------------------
+
+
+def optuna_define_by_run(spec: SweepSpec) -> Callable[[Any], dict[str, Any]]:
+    """A define-by-run space: the mix first, then only the parameters of objectives in it.
+
+    Optuna's categorical choices must be scalars, so list-valued choices (mixes, layer lists)
+    are suggested by their label and mapped back.
+    """
+    ordered = sorted(spec.space.items(), key=lambda item: item[0] != MIX_KEY)
+
+    def define(trial: Any) -> dict[str, Any]:
+        constants: dict[str, Any] = {}
+        mix: list[str] | None = None
+        for key, value in ordered:
+            name = objective_of(key)
+            if name is not None and mix is not None and name not in mix:
+                continue
+            if not isinstance(value, Distribution):
+                constants[key] = value
+                drawn = value
+            else:
+                drawn = suggest(trial, key, value)
+            if key == MIX_KEY:
+                mix = list(drawn)
+        return constants
+
+    return define
+
+
+def label(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return "+".join(label(v) for v in value) if value else "none"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={label(v)}" for k, v in value.items())
+    return value
+
+
+def suggest(trial: Any, key: str, dist: Distribution) -> Any:
+    kind, value = dist.kind, getattr(dist, dist.kind)
+    if kind in ("grid", "choice"):
+        labels = [label(v) for v in value]
+        picked = trial.suggest_categorical(key, labels)
+        return value[labels.index(picked)]
+    if kind == "uniform":
+        return trial.suggest_float(key, value[0], value[1])
+    if kind == "loguniform":
+        return trial.suggest_float(key, value[0], value[1], log=True)
+    if kind == "randint":
+        return trial.suggest_int(key, value[0], value[1])
+    return trial.suggest_float(key, value[0], value[1], step=value[2])
+
+
+def decode_optuna_config(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
+    """Map label-suggested categorical values back to the space's values."""
+    decoded = dict(config)
+    for key, value in config.items():
+        dist = spec.space.get(key)
+        if isinstance(dist, Distribution) and dist.kind in ("grid", "choice"):
+            options = getattr(dist, dist.kind)
+            labels = [label(v) for v in options]
+            if value in labels:
+                decoded[key] = options[labels.index(value)]
+    return decoded

@@ -1,0 +1,119 @@
+"""The student plus the trainable parts of its objectives, computing the weighted loss mix.
+
+One `nn.Module` owns everything the optimiser updates (student weights, projections, CRD heads
+and memory banks), so a single state dict checkpoints it and data-parallel wrapping covers it.
+The teacher is not a submodule: it is never optimised, saved with the student, or wrapped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from trainables.models import forward_view
+from trainables.objectives import Objective, Stage
+from trainables.views import DistillBatch, LayerPairs, ModelView
+
+
+@dataclass(frozen=True)
+class Term:
+    """One weighted objective of the mix, with its validated parameters."""
+
+    objective: Objective
+    weight: float
+    params: Any
+
+    @property
+    def name(self) -> str:
+        return self.objective.name
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """The loss of one training stage: which terms, and the cross-entropy weight."""
+
+    name: str
+    terms: tuple[Term, ...]
+    ce_weight: float
+
+    @property
+    def needs_teacher(self) -> bool:
+        return bool(self.terms)
+
+    @property
+    def needs_qkv(self) -> bool:
+        return any(t.objective.needs_qkv for t in self.terms)
+
+
+def plan_stages(terms: list[Term], ce_weight: float, two_stage: bool) -> list[StagePlan]:
+    """One stage with every term, or the study's two: intermediate layers, then prediction layer."""
+    if not two_stage:
+        return [StagePlan("train", tuple(terms), ce_weight)]
+    intermediate = tuple(t for t in terms if t.objective.stage is Stage.INTERMEDIATE)
+    prediction = tuple(t for t in terms if t.objective.stage is Stage.PREDICTION)
+    return [StagePlan("intermediate", intermediate, 0.0), StagePlan("prediction", prediction, ce_weight)]
+
+
+class Distiller(nn.Module):
+    """Student forward and the loss mix for one batch."""
+
+    def __init__(
+        self,
+        student: PreTrainedModel,
+        objective_modules: dict[str, nn.Module],
+        pairs: LayerPairs,
+        count_padding: bool,
+        ild_scale_by_batch: bool,
+    ) -> None:
+        super().__init__()
+        self.student = student
+        self.objective_modules = nn.ModuleDict(objective_modules)
+        self.pairs = pairs
+        self.count_padding = count_padding
+        self.ild_scale_by_batch = ild_scale_by_batch
+
+    def forward(
+        self, batch: dict[str, Tensor], teacher_view: ModelView | None, stage: StagePlan
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total loss and each term's unweighted value (for reporting)."""
+        student_view = forward_view(self.student, batch, need_qkv=stage.needs_qkv)
+        labels = batch.get("labels")
+        values: dict[str, Tensor] = {}
+        total = student_view.logits.new_zeros((), dtype=torch.float32)
+        if stage.ce_weight > 0:
+            values["ce"] = task_loss(student_view.logits, labels)
+            total = total + stage.ce_weight * values["ce"]
+        if stage.terms:
+            distill_batch = DistillBatch(
+                student=student_view,
+                teacher=teacher_view,
+                attention_mask=batch["attention_mask"],
+                labels=labels,
+                example_ids=batch.get("example_id"),
+                pairs=self.pairs,
+                count_padding=self.count_padding,
+            )
+            batch_size = batch["input_ids"].shape[0]
+            # Objectives compute in float32 even under mixed precision: softmaxes and KL of
+            # attention maps lose too much in bf16/fp16.
+            with torch.autocast(student_view.logits.device.type, enabled=False):
+                for term in stage.terms:
+                    module = self.objective_modules[term.name] if term.name in self.objective_modules else None
+                    values[term.name] = term.objective.compute(distill_batch, term.params, module)
+                    weight = term.weight
+                    if self.ild_scale_by_batch and term.objective.stage is Stage.INTERMEDIATE:
+                        weight = weight / batch_size
+                    total = total + weight * values[term.name]
+        return total, values
+
+
+def task_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy for classification, MSE for a single-output regression head."""
+    if logits.shape[-1] == 1:
+        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+    return F.cross_entropy(logits.float(), labels)

@@ -1,0 +1,113 @@
+"""One distillation run: load, build, initialise, train, evaluate, report.
+
+Plain PyTorch + transformers (through Accelerate); nothing here knows about Ray. A reporter
+callback receives the metrics of every evaluation and the checkpoint saved with them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from trainables.config import RunConfig, TrainingConfig, check_against_teacher
+from trainables.data import make_collator, tokenized_splits
+from trainables.distiller import Distiller, Term, plan_stages
+from trainables.mapping import layer_pairs
+from trainables.metrics import compute_task_metrics
+from trainables.models import build_student, encoder_layers, load_teacher, resolve_model_source
+from trainables.objectives import REGISTRY, ModuleContext
+from trainables.tasks import TaskSpec, resolve_task
+from trainables.training import DistillationLoop, Reporter, StepCallback, TaskData
+
+DEFAULT_CACHE = Path("~/.cache/distillsweep").expanduser()
+
+
+def distill(
+    cfg: RunConfig,
+    reporter: Reporter | None = None,
+    resume_from: Path | None = None,
+    on_step: StepCallback | None = None,
+) -> dict[str, float]:
+    """Run `cfg` to the end and return the final metrics; the student is saved under output_dir."""
+    output_dir = cfg.output_dir.expanduser().resolve()
+    accelerator = make_accelerator(cfg.training)
+
+    spec = resolve_task(cfg.task)
+    teacher_source = resolve_model_source(cfg.teacher)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_source)
+    teacher = load_teacher(teacher_source, spec.num_labels)
+    teacher_layers = len(encoder_layers(teacher))
+    check_against_teacher(cfg, teacher_layers, teacher.config.num_attention_heads)
+
+    set_seed(cfg.training.seed)
+    student = build_student(teacher, cfg.student, spec.num_labels)
+    data = load_task_data(spec, tokenizer, cfg.training, cfg.cache_dir)
+
+    terms = [Term(REGISTRY[o.name], o.weight, REGISTRY[o.name].parse_params(o.params)) for o in cfg.objectives]
+    pairs = layer_pairs(cfg.mapping, teacher_layers, cfg.student.num_layers)
+    context = ModuleContext(
+        student_hidden_size=student.config.hidden_size,
+        teacher_hidden_size=teacher.config.hidden_size,
+        student_layers=cfg.student.num_layers,
+        teacher_layers=teacher_layers,
+        num_train_examples=len(data.train),
+        train_labels=data.train.with_format("torch")["labels"] if spec.num_labels > 1 else None,
+        combine=pairs.combine,
+    )
+    modules = {
+        t.name: module
+        for t in terms
+        if t.objective.build_module is not None
+        and (module := t.objective.build_module(context, t.params)) is not None
+    }
+    distiller = Distiller(
+        student, modules, pairs, cfg.fidelity.count_padding, cfg.fidelity.ild_scale_by_batch
+    )
+    stages = plan_stages(terms, cfg.ce_weight, two_stage=cfg.stages == "two_stage")
+    loop = DistillationLoop(
+        distiller, teacher, stages, data, cfg.training, output_dir, accelerator, reporter,
+        teacher_dropout=cfg.fidelity.teacher_dropout, on_step=on_step,
+    )
+    metrics = loop.run(resume_from)
+
+    if accelerator.is_main_process:
+        save_model(student, tokenizer, output_dir / "student")
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def make_accelerator(training: TrainingConfig) -> Accelerator:
+    precision = "bf16" if training.bf16 else "fp16" if training.fp16 else "no"
+    return Accelerator(mixed_precision=precision)
+
+
+def load_task_data(
+    spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, training: TrainingConfig, cache_dir: Path | None
+) -> TaskData:
+    """Tokenised splits (cached on disk), the padding collator and the task's metric."""
+    splits = tokenized_splits(
+        spec,
+        tokenizer,
+        max_seq_length=training.max_seq_length,
+        cache_dir=(cache_dir or DEFAULT_CACHE).expanduser().resolve() / "tokenized",
+        max_train_samples=training.max_train_samples,
+        max_eval_samples=training.max_eval_samples,
+        seed=training.seed,
+    )
+    return TaskData(
+        train=splits["train"],
+        validation=splits["validation"],
+        collate=make_collator(tokenizer),
+        score=lambda logits, labels: compute_task_metrics(spec, logits, labels),
+        main_metric=spec.main_metric,
+    )
+
+
+def save_model(model, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)

@@ -1,0 +1,142 @@
+"""What a task is: its columns, label count, metrics and where its data lives.
+
+A `TaskSpec` is plain data, so the data loader, the metrics and the tokenisation cache key all read
+the same description. GLUE tasks come from the hub; the `demo` task and `LocalTask`s from local files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainables.config import LocalTask
+
+GLUE_DATASET = "nyu-mll/glue"
+METRIC_NAMES = ("accuracy", "f1", "matthews_correlation", "pearson", "spearmanr")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task. `num_labels == 1` means regression.
+
+    Data comes either from the GLUE subset `glue_subset` on the hub or from `train_file` and
+    `validation_file` (absolute paths). `label_names` is set when the files hold string labels:
+    id i stands for `label_names[i]`.
+    """
+
+    name: str
+    text_columns: tuple[str] | tuple[str, str]
+    num_labels: int
+    metrics: tuple[str, ...]
+    main_metric: str
+    label_column: str = "label"
+    train_split: str = "train"
+    eval_split: str = "validation"
+    glue_subset: str | None = None
+    train_file: Path | None = None
+    validation_file: Path | None = None
+    label_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.text_columns) <= 2:
+            raise ValueError(f"task {self.name}: text_columns {self.text_columns} must name 1 or 2 columns")
+        if self.num_labels < 1:
+            raise ValueError(f"task {self.name}: num_labels {self.num_labels} must be >= 1 (1 = regression)")
+        unknown = [m for m in self.metrics if m not in METRIC_NAMES]
+        if unknown:
+            raise ValueError(f"task {self.name}: metrics {unknown} unknown; known: {', '.join(METRIC_NAMES)}")
+        if self.main_metric not in self.metrics:
+            raise ValueError(f"task {self.name}: main_metric {self.main_metric!r} not in metrics {self.metrics}")
+        if (self.glue_subset is None) == (self.train_file is None or self.validation_file is None):
+            raise ValueError(f"task {self.name}: give either glue_subset or both train_file and validation_file")
+
+    @property
+    def is_regression(self) -> bool:
+        return self.num_labels == 1
+
+
+def _glue(
+    name: str,
+    text_columns: tuple[str] | tuple[str, str],
+    num_labels: int = 2,
+    metrics: tuple[str, ...] = ("accuracy",),
+    eval_split: str = "validation",
+) -> TaskSpec:
+    """GLUE's official metrics; the main one is the first GLUE lists (F1 of F1/acc, Pearson of P/S)."""
+    return TaskSpec(
+        name=name,
+        text_columns=text_columns,
+        num_labels=num_labels,
+        metrics=metrics,
+        main_metric=metrics[0],
+        eval_split=eval_split,
+        glue_subset=name,
+    )
+
+
+GLUE_TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        _glue("cola", ("sentence",), metrics=("matthews_correlation",)),
+        _glue("sst2", ("sentence",)),
+        _glue("mrpc", ("sentence1", "sentence2"), metrics=("f1", "accuracy")),
+        _glue("qqp", ("question1", "question2"), metrics=("f1", "accuracy")),
+        _glue("stsb", ("sentence1", "sentence2"), num_labels=1, metrics=("pearson", "spearmanr")),
+        _glue("mnli", ("premise", "hypothesis"), num_labels=3, eval_split="validation_matched"),
+        _glue("qnli", ("question", "sentence")),
+        _glue("rte", ("sentence1", "sentence2")),
+    )
+}
+
+KNOWN_TASKS = (*GLUE_TASKS, "demo")
+
+
+def _normalise(name: str) -> str:
+    """`SST-2`, `sst_2` and `sst2` are one task; so are `STS-B` and `stsb`."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def resolve_task(task: str | LocalTask) -> TaskSpec:
+    """Turn a config's `task` (GLUE name, `demo`, or a `LocalTask`) into a `TaskSpec`."""
+    if isinstance(task, LocalTask):
+        return local_task_spec(task)
+    key = _normalise(task)
+    if key in GLUE_TASKS:
+        return GLUE_TASKS[key]
+    if key == "demo":
+        from trainables.demo import demo_task_spec
+
+        return demo_task_spec()
+    raise ValueError(f"task {task!r} unknown; known: {', '.join(KNOWN_TASKS)}, or a local task with train_file")
+
+
+def local_task_spec(task: LocalTask) -> TaskSpec:
+    """Read the label column once to settle num_labels and string label ids before any trial runs.
+
+    Paths become absolute here, against the current directory, because Ray trials run elsewhere.
+    """
+    from trainables.data import infer_labels
+
+    train_file = Path(task.train_file).expanduser().resolve()
+    validation_file = Path(task.validation_file).expanduser().resolve()
+    for field, path in (("task.train_file", train_file), ("task.validation_file", validation_file)):
+        if not path.is_file():
+            raise FileNotFoundError(f"{field} {path}: no such file")
+    num_labels, label_names = infer_labels(train_file, task.label_column, task.num_labels)
+    if num_labels == 1:
+        metrics: tuple[str, ...] = ("pearson", "spearmanr")
+    elif num_labels == 2:
+        metrics = ("accuracy", "f1")
+    else:
+        metrics = ("accuracy",)
+    return TaskSpec(
+        name=task.name,
+        text_columns=task.text_columns,
+        label_column=task.label_column,
+        num_labels=num_labels,
+        metrics=metrics,
+        main_metric=metrics[0],
+        train_file=train_file,
+        validation_file=validation_file,
+        label_names=label_names,
+    )

@@ -1,0 +1,88 @@
+"""Fine-tune a teacher on a task once; every later request for the same teacher reuses it.
+
+The cache key is the whole request (base model, task, hyperparameters), so changing any of them
+trains a new teacher instead of silently reusing a stale one (paper_spec section 10).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+from accelerate.utils import set_seed
+from pydantic import Field
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from trainables.config import LocalTask, StrictModel, TrainingConfig
+from trainables.distiller import Distiller, StagePlan
+from trainables.models import resolve_model_source
+from trainables.run import DEFAULT_CACHE, load_task_data, make_accelerator, save_model
+from trainables.tasks import resolve_task
+from trainables.training import DistillationLoop, Reporter, StepCallback
+from trainables.views import LayerPairs
+
+TEACHER_RECORD = "teacher.json"
+
+
+class TeacherRequest(StrictModel):
+    """What to fine-tune, on which task, how."""
+
+    base_model: str = Field(description="pretrained encoder: local directory, hub id or MLflow URI")
+    task: str | LocalTask = "demo"
+    training: TrainingConfig = TrainingConfig(learning_rate=2e-5, num_train_epochs=3.0)
+    output_root: Path = DEFAULT_CACHE / "teachers"
+    cache_dir: Path | None = None
+
+
+def teacher_dir(request: TeacherRequest, base_source: str) -> Path:
+    """`<output_root>/<task>-<base>-<hash of the request>`."""
+    key = request.model_dump(mode="json", exclude={"output_root", "cache_dir"})
+    key["base_model"] = base_source
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    task_name = resolve_task(request.task).name
+    base_name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(base_source).name or base_source)
+    return request.output_root.expanduser().resolve() / f"{task_name}-{base_name}-{digest}"
+
+
+def finetune_teacher(
+    request: TeacherRequest, reporter: Reporter | None = None, on_step: StepCallback | None = None
+) -> tuple[Path, bool]:
+    """Return (directory of the fine-tuned teacher, whether it was reused from an earlier run)."""
+    base_source = resolve_model_source(request.base_model)
+    final = teacher_dir(request, base_source)
+    if (final / TEACHER_RECORD).exists():
+        return final, True
+    spec = resolve_task(request.task)
+    work = final.with_name(final.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+
+    set_seed(request.training.seed)
+    tokenizer = AutoTokenizer.from_pretrained(base_source)
+    model = AutoModelForSequenceClassification.from_pretrained(base_source, num_labels=spec.num_labels)
+    data = load_task_data(spec, tokenizer, request.training, request.cache_dir)
+    accelerator = make_accelerator(request.training)
+    loop = DistillationLoop(
+        Distiller(model, {}, LayerPairs(hidden=(), attention=()), count_padding=False, ild_scale_by_batch=False),
+        teacher=None,
+        stages=[StagePlan("finetune", (), ce_weight=1.0)],
+        data=data,
+        training=request.training,
+        output_dir=work,
+        accelerator=accelerator,
+        reporter=reporter,
+        keep_checkpoints=1,
+        on_step=on_step,
+    )
+    metrics = loop.run()
+    if accelerator.is_main_process:
+        save_model(model, tokenizer, work)
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)
+        record = {"request": request.model_dump(mode="json"), "base_source": base_source, "metrics": metrics}
+        (work / TEACHER_RECORD).write_text(json.dumps(record, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        work.rename(final)
+    accelerator.wait_for_everyone()
+    return final, False

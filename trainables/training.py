@@ -1,0 +1,355 @@
+"""The optimisation loop: stages, evaluation, checkpoints and exact resume.
+
+Built on Accelerate (device placement, mixed precision, data parallelism, gradient sync) with the
+step itself written out, so what happens in a step is visible in the step. Resume is exact: data
+order is a pure function of (seed, epoch), and checkpoints hold weights, optimiser, scheduler,
+RNG states and the position in the epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from datasets import Dataset
+from torch.utils.data import DataLoader
+from transformers import PreTrainedModel, get_scheduler
+
+from trainables.config import TrainingConfig
+from trainables.distiller import Distiller, StagePlan, task_loss
+from trainables.models import forward_view
+
+Reporter = Callable[[dict[str, float], Path | None], None]
+StepCallback = Callable[[int, int], None]
+EvaluateFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
+CHECKPOINT_STATE = "state.pt"
+CHECKPOINT_PROGRESS = "progress.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run cannot continue meaningfully."""
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved with every checkpoint."""
+
+    stage_index: int = 0
+    stage_step: int = 0
+    global_step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    examples_seen: int = 0
+    best_score: float | None = None
+
+
+@dataclass
+class TaskData:
+    train: Dataset
+    validation: Dataset
+    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
+    score: EvaluateFn
+    main_metric: str
+
+
+def epoch_batches(
+    lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool
+) -> list[list[int]]:
+    """The epoch's batches of example indices, reproducible from (seed, epoch) alone."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if group_by_length:
+        # Sort within mega-batches of 50 batches: batches of similar length, order still random.
+        mega = batch_size * 50
+        order = [
+            i
+            for start in range(0, len(order), mega)
+            for i in sorted(order[start : start + mega], key=lambda k: -lengths[k])
+        ]
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        shuffled = torch.randperm(len(batches), generator=generator).tolist()
+        return [batches[i] for i in shuffled]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def rows(dataset: Dataset, indices: list[int]) -> list[dict[str, Any]]:
+    """Examples by index through one columnar read (row-by-row access is much slower)."""
+    columns = dataset[indices]
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class DistillationLoop:
+    """Trains a `Distiller` through its stages, evaluating and checkpointing every `eval_steps`."""
+
+    def __init__(
+        self,
+        distiller: Distiller,
+        teacher: PreTrainedModel | None,
+        stages: list[StagePlan],
+        data: TaskData,
+        training: TrainingConfig,
+        output_dir: Path,
+        accelerator: Accelerator,
+        reporter: Reporter | None = None,
+        teacher_dropout: bool = False,
+        keep_checkpoints: int = 2,
+        on_step: StepCallback | None = None,
+    ) -> None:
+        self.training = training
+        self.stages = stages
+        self.data = data
+        self.output_dir = output_dir
+        self.accelerator = accelerator
+        self.reporter = reporter
+        self.keep_checkpoints = keep_checkpoints
+        self.on_step = on_step
+        self.progress = Progress()
+        self.distiller = accelerator.prepare_model(distiller)
+        self.teacher = teacher
+        if teacher is not None:
+            self.teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
+            self.teacher.train(teacher_dropout)
+            self.teacher.requires_grad_(False)
+        self._lengths = [len(ids) for ids in data.train["input_ids"]]
+        self._build_optimizer()
+
+    # --- schedule ----------------------------------------------------------------------------
+
+    @property
+    def global_batch(self) -> int:
+        t = self.training
+        return t.per_device_train_batch_size * self.accelerator.num_processes
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        return math.ceil(len(self._lengths) / self.global_batch)
+
+    @property
+    def steps_per_stage(self) -> int:
+        t = self.training
+        if t.max_steps > 0:
+            return t.max_steps
+        return max(1, math.ceil(t.num_train_epochs * self.micro_batches_per_epoch / t.gradient_accumulation_steps))
+
+    def _build_optimizer(self) -> None:
+        """A fresh AdamW and schedule per stage, as the study resets them between stages."""
+        t = self.training
+        no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "LayerNorm.bias")
+        named = [(n, p) for n, p in self.distiller.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": t.weight_decay},
+            {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(
+            groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon
+        )
+        total = self.steps_per_stage
+        self.scheduler = get_scheduler(
+            t.lr_scheduler_type, self.optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * total),
+            num_training_steps=total,
+        )
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def run(self, resume_from: Path | None = None) -> dict[str, float]:
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        metrics: dict[str, float] = {}
+        while self.progress.stage_index < len(self.stages):
+            stage = self.stages[self.progress.stage_index]
+            metrics = self._train_stage(stage)
+            self.progress.stage_index += 1
+            self.progress.stage_step = 0
+            self.progress.epoch = 0
+            self.progress.batches_in_epoch = 0
+            if self.progress.stage_index < len(self.stages):
+                self._build_optimizer()
+        return metrics or self.evaluate()
+
+    def _micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches from the current position onwards, for this process, forever (epoch by epoch)."""
+        t = self.training
+        while True:
+            batches = epoch_batches(self._lengths, self.global_batch, t.seed, self.progress.epoch, t.group_by_length)
+            for index in range(self.progress.batches_in_epoch, len(batches)):
+                shard = batches[index][self.accelerator.process_index :: self.accelerator.num_processes]
+                self.progress.batches_in_epoch = index + 1
+                self.progress.examples_seen += len(batches[index])
+                batch = self.data.collate(rows(self.data.train, shard))
+                yield {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            self.progress.epoch += 1
+            self.progress.batches_in_epoch = 0
+
+    def _train_stage(self, stage: StagePlan) -> dict[str, float]:
+        t = self.training
+        total_steps = self.steps_per_stage
+        eval_now: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
+        window_start, window_examples, window_steps = time.perf_counter(), self.progress.examples_seen, 0
+        batches = self._micro_batches()
+        self.distiller.train()
+        while self.progress.stage_step < total_steps:
+            for micro in range(t.gradient_accumulation_steps):
+                batch = next(batches)
+                sync = micro == t.gradient_accumulation_steps - 1
+                context = self.accelerator.no_sync(self.distiller) if not sync else nullcontext()
+                with context, self.accelerator.autocast():
+                    teacher_view = self._teacher_view(batch, stage)
+                    loss, terms = self.distiller(batch, teacher_view, stage)
+                    self.accelerator.backward(loss / t.gradient_accumulation_steps)
+                for name, value in {"loss": loss, **terms}.items():
+                    sums[name] = sums.get(name, 0.0) + value.detach().float() / t.gradient_accumulation_steps
+            if t.max_grad_norm > 0:
+                self.accelerator.clip_grad_norm_(self.distiller.parameters(), t.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.progress.stage_step += 1
+            self.progress.global_step += 1
+            window_steps += 1
+            if self.on_step is not None:
+                self.on_step(self.progress.global_step, self.steps_per_stage * len(self.stages))
+            at_end = self.progress.stage_step == total_steps
+            if self.progress.global_step % t.eval_steps == 0 or at_end:
+                train_metrics = {f"train_{k}": (v / window_steps).item() for k, v in sums.items()}
+                self._check_finite(train_metrics)
+                elapsed = time.perf_counter() - window_start
+                eval_now = {
+                    **train_metrics,
+                    **self.evaluate(),
+                    "examples_per_second": (self.progress.examples_seen - window_examples) / max(elapsed, 1e-9),
+                    "learning_rate": self.scheduler.get_last_lr()[0],
+                }
+                self._report(stage, eval_now, save=at_end or self._save_due())
+                sums, window_steps = {}, 0
+                window_start, window_examples = time.perf_counter(), self.progress.examples_seen
+                self.distiller.train()
+        return eval_now
+
+    def _save_due(self) -> bool:
+        every = self.training.save_steps or self.training.eval_steps
+        return self.progress.global_step % every == 0
+
+    @torch.no_grad()
+    def _teacher_view(self, batch: dict[str, torch.Tensor], stage: StagePlan):
+        if not stage.needs_teacher or self.teacher is None:
+            return None
+        return forward_view(self.teacher, batch, need_qkv=stage.needs_qkv)
+
+    def _check_finite(self, train_metrics: dict[str, float]) -> None:
+        bad = {k: v for k, v in train_metrics.items() if not math.isfinite(v)}
+        if bad:
+            terms = ", ".join(f"{k.removeprefix('train_')}={v}" for k, v in train_metrics.items())
+            raise NonFiniteLossError(
+                f"loss became non-finite by step {self.progress.global_step} "
+                f"(learning_rate {self.training.learning_rate}; terms: {terms})"
+            )
+
+    # --- evaluation --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Task metrics on the validation split, sharded over processes and gathered."""
+        student = self.accelerator.unwrap_model(self.distiller).student
+        student.eval()
+        validation = self.data.validation
+        size = self.training.per_device_eval_batch_size
+        indices = list(range(self.accelerator.process_index, len(validation), self.accelerator.num_processes))
+        logits, labels, losses = [], [], []
+        loader = DataLoader(validation.select(indices), batch_size=size, collate_fn=self.data.collate)
+        for batch in loader:
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            with self.accelerator.autocast():
+                out = forward_view(student, batch, need_qkv=False).logits.float()
+            losses.append(task_loss(out, batch["labels"]).item() * len(out))
+            logits.append(out.cpu().numpy())
+            labels.append(batch["labels"].cpu().numpy())
+        gathered = self.accelerator.gather_object([(np.concatenate(logits), np.concatenate(labels), sum(losses))])
+        all_logits = np.concatenate([g[0] for g in gathered])
+        all_labels = np.concatenate([g[1] for g in gathered])
+        metrics = {f"eval_{k}": float(v) for k, v in self.data.score(all_logits, all_labels).items()}
+        metrics["eval_loss"] = sum(g[2] for g in gathered) / len(all_labels)
+        metrics["score"] = metrics[f"eval_{self.data.main_metric}"]
+        return metrics
+
+    # --- reporting and checkpoints -----------------------------------------------------------
+
+    def _report(self, stage: StagePlan, metrics: dict[str, float], save: bool) -> None:
+        p = self.progress
+        if p.best_score is None or metrics["score"] > p.best_score:
+            p.best_score = metrics["score"]
+        metrics.update(
+            step=p.global_step,
+            stage=p.stage_index,
+            epoch=p.epoch + p.batches_in_epoch / self.micro_batches_per_epoch,
+            best_score=p.best_score,
+            peak_memory_mb=peak_memory_mb(self.accelerator.device),
+        )
+        checkpoint = self.save_checkpoint() if save else None
+        if self.reporter is not None and self.accelerator.is_main_process:
+            self.reporter(dict(metrics, stage_name=stage.name), checkpoint)
+
+    def save_checkpoint(self) -> Path:
+        path = self.output_dir / "checkpoints" / f"step-{self.progress.global_step:07d}"
+        if self.accelerator.is_main_process:
+            path.mkdir(parents=True, exist_ok=True)
+            state = {
+                "distiller": self.accelerator.unwrap_model(self.distiller).state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(),
+            }
+            torch.save(state, path / CHECKPOINT_STATE)
+            (path / CHECKPOINT_PROGRESS).write_text(json.dumps(asdict(self.progress)))
+            self._prune_checkpoints(keep=path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _prune_checkpoints(self, keep: Path) -> None:
+        existing = sorted(p for p in keep.parent.iterdir() if p.is_dir() and p != keep)
+        for old in existing[: max(0, len(existing) - (self.keep_checkpoints - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, path: Path) -> None:
+        progress = Progress(**json.loads((path / CHECKPOINT_PROGRESS).read_text()))
+        state = torch.load(path / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
+        self.progress = progress
+        self.accelerator.unwrap_model(self.distiller).load_state_dict(state["distiller"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+
+
