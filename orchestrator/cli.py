@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -21,7 +22,20 @@ from rich.table import Table
 
 from orchestrator.messages import UserError, describe_error
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+def quiet_libraries() -> None:
+    """Library progress bars and load reports drown ours; warnings and errors still show."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0],
+    callback=lambda: quiet_libraries(),
+)
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -91,10 +105,13 @@ def run(
     resume: Annotated[Path | None, typer.Option(help="checkpoint directory to resume from")] = None,
 ) -> None:
     """Run one distillation from a config file."""
+    from orchestrator.demo import DEMO_TEACHER, demo_teacher
     from orchestrator.single_run import run_single
     from trainables.config import load_run_config
 
     cfg = load_run_config(config, parse_overrides(set_))
+    if cfg.teacher == DEMO_TEACHER:
+        cfg = cfg.model_copy(update={"teacher": str(demo_teacher())})
     bar, on_step = step_progress(f"distilling {cfg.objective_mix}")
 
     def show(metrics: dict[str, Any], checkpoint: Path | None) -> None:
@@ -157,6 +174,135 @@ def demo(
 
     metrics = run_demo(workdir.resolve(), console)
     print_metrics("demo student", metrics)
+
+
+AddressOption = Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")]
+
+
+@app.command()
+@user_errors
+def sweep(
+    space_file: Annotated[Path, typer.Argument(help="search-space YAML (see search_spaces/)")],
+    address: AddressOption = None,
+    set_: SetOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and print the trials; start nothing")] = False,
+) -> None:
+    """Run a sweep: every trial of the space file, scheduled by Ray Tune, recorded in MLflow."""
+    from orchestrator.config import load_sweep_spec
+    from orchestrator.sweep import start_sweep, validate
+
+    spec = load_sweep_spec(space_file, parse_overrides(set_))
+    if dry_run:
+        configs = validate(spec)
+        print_space(spec, len(configs))
+        return
+    state = start_sweep(spec, address)
+    console.print(f"sweep finished: {state.sweep_dir}")
+    console.print(f"  distillsweep status {state.sweep_dir}\n  distillsweep report {state.sweep_dir}")
+
+
+def print_space(spec: Any, checked: int) -> None:
+    from orchestrator.config import Distribution
+
+    table = Table(title=f"sweep {spec.name}: {spec.trial_count} trials"
+                  + ("" if spec.search.algorithm == "grid" else f" ({spec.search.algorithm} samples)"))
+    table.add_column("space entry")
+    table.add_column("values")
+    for key, value in spec.space.items():
+        shown = f"{value.kind} {getattr(value, value.kind)}" if isinstance(value, Distribution) else repr(value)
+        table.add_row(key, shown)
+    out = Console()
+    out.print(table)
+    out.print(
+        f"search {spec.search.algorithm}, scheduler {spec.scheduler.type}, "
+        f"{spec.resources.cpu} CPU + {spec.resources.gpu} GPU per trial; {checked} trial configs checked"
+    )
+
+
+@app.command()
+@user_errors
+def resume(
+    sweep_dir: Annotated[Path, typer.Argument(help="the sweep folder printed by `sweep`")],
+    address: AddressOption = None,
+    retry_errored: Annotated[bool, typer.Option(help="also rerun failed trials from their checkpoints")] = False,
+) -> None:
+    """Continue an interrupted sweep; finished trials are kept, not rerun."""
+    from orchestrator.sweep import resume_sweep
+
+    state = resume_sweep(sweep_dir, address, retry_errored)
+    console.print(f"sweep finished: {state.sweep_dir}")
+
+
+@app.command()
+@user_errors
+def status(sweep_dir: Annotated[Path, typer.Argument(help="the sweep folder")]) -> None:
+    """Show each trial of a sweep: state, steps and score so far."""
+    from orchestrator.status import trial_statuses
+
+    table = Table(title=str(sweep_dir))
+    for column in ("trial", "state", "objective mix", "init", "task", "seed", "step", "score"):
+        table.add_column(column)
+    rows = trial_statuses(sweep_dir)
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in ("trial", "state", "objective_mix", "init", "task", "seed", "step", "score")))
+    Console().print(table)
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["state"]] = counts.get(row["state"], 0) + 1
+    Console().print(", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items())))
+
+
+@app.command()
+@user_errors
+def report(
+    sweep_dir: Annotated[Path, typer.Argument(help="the sweep folder")],
+    value: Annotated[str, typer.Option(help="best_score (best evaluation) or final_score")] = "best_score",
+) -> None:
+    """Print and save the study's table (Markdown and CSV) and log it to the sweep's MLflow run."""
+    from orchestrator.status import build_report
+
+    if value not in ("best_score", "final_score"):
+        raise UserError(f"--value {value!r}: expected best_score or final_score")
+    md_path, csv_path, markdown, logged = build_report(sweep_dir, value)
+    Console().print(markdown)
+    console.print(f"saved {md_path} and {csv_path}" + ("; logged to MLflow" if logged else ""))
+
+
+@app.command()
+@user_errors
+def ui(
+    sweep_dir: Annotated[Path | None, typer.Argument(help="a sweep folder (its tracking store)")] = None,
+    port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000,
+) -> None:
+    """Start the MLflow UI on 127.0.0.1 against a sweep's (or the default) tracking store."""
+    import subprocess
+
+    from orchestrator.tracking import default_tracking_uri
+
+    uri = default_tracking_uri()
+    if sweep_dir is not None:
+        from orchestrator.sweep import SweepState
+
+        uri = SweepState.load(sweep_dir).tracking_uri
+    if not uri.startswith(("sqlite:", "file:", "/", "mysql", "postgresql")):
+        raise UserError(f"the tracking store is a server ({uri}): open that address in a browser instead")
+    console.print(f"MLflow UI on http://127.0.0.1:{port} for {uri} (Ctrl-C stops it)")
+    raise typer.Exit(
+        subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                         "--host", "127.0.0.1", "--port", str(port)])
+    )
+
+
+@app.command()
+@user_errors
+def sync(sweep_dir: Annotated[Path, typer.Argument(help="the sweep folder")]) -> None:
+    """Send MLflow records kept while the tracking server did not answer."""
+    from orchestrator.status import sync_pending
+
+    sent, left = sync_pending(sweep_dir)
+    console.print(f"sent {sent} kept MLflow records" + (f"; {left} still unsent" if left else ""))
+    if left:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 
 from trainables.config import StrictModel, TrainingConfig, set_dotted
 
@@ -49,6 +49,11 @@ class Distribution(StrictModel):
         if len(set_fields) != 1:
             raise ValueError(f"give exactly one of {', '.join(DISTRIBUTIONS)}")
         return set_fields[0]
+
+    @model_serializer
+    def _as_written(self) -> dict[str, Any]:
+        """Dump as the file wrote it (`{grid: [...]}`), so a saved spec loads back unchanged."""
+        return {self.kind: getattr(self, self.kind)}
 
     def representatives(self) -> list[Any]:
         """Values that stand for the whole distribution when checking configs before a sweep."""

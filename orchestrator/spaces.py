@@ -65,13 +65,10 @@ def check_space(spec: SweepSpec, teacher_shape: Callable[[RunConfig], tuple[int,
         if name is not None and not any(name in mix for mix in mixes(spec)):
             raise UserError(f"space.{key}: objective {name!r} is in no objective mix of this sweep")
     configs = []
-    shapes: dict[str, tuple[int, int]] = {}
     for assignment in representative_assignments(spec):
         try:
             cfg = resolve_run_config(spec.base, assignment)
-            if cfg.teacher not in shapes:
-                shapes[cfg.teacher] = teacher_shape(cfg)
-            check_against_teacher(cfg, *shapes[cfg.teacher])
+            check_against_teacher(cfg, *teacher_shape(cfg))
         except (ValidationError, ValueError) as err:
             drawn = ", ".join(f"{k}={v!r}" for k, v in assignment.items()) or "the base config"
             raise UserError(f"trial with {drawn} is invalid: {describe_error(err)}") from None

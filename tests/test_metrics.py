@@ -1,15 +1,10 @@
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
 import math
 
 import numpy as np
 import pytest
 
-from trainables.metrics import GlueMetric, compute_task_metrics
-from trainables.tasks import resolve_task
+from trainables.metrics import METRICS, GlueMetric, compute_task_metrics
+from trainables.tasks import METRIC_NAMES, resolve_task
 
 # preds vs labels: TP=2 (rows 0, 3), TN=1 (row 1), FP=1 (row 2), FN=1 (row 4)
 PREDS = np.array([1, 0, 1, 1, 0])
@@ -65,3 +60,7 @@ def test_glue_metric_is_an_evaluate_metric_usable_incrementally():
 def test_glue_metric_rejects_unknown_metric_names_listing_known_ones():
     with pytest.raises(ValueError, match="'bleu'.*known: accuracy, f1, matthews_correlation, pearson, spearmanr"):
         GlueMetric(config_name="accuracy+bleu", keep_in_memory=True)
+
+
+def test_every_metric_a_task_may_name_has_an_implementation():
+    assert set(METRICS) == set(METRIC_NAMES)

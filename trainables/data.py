@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from dataclasses import asdict
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+GLUE_DATASET = "nyu-mll/glue"
 BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 CACHE_FORMAT = 1  # bump when the layout of cached splits changes
 EVAL_SAMPLE_SEED = 0  # the eval subset is the same for every trial, whatever its seed
@@ -44,7 +46,9 @@ def read_local_file(path: Path) -> Dataset:
     """Read one CSV / JSON / JSONL / Parquet file, choosing the `datasets` builder by suffix."""
     builder = BUILDERS.get(path.suffix.lower())
     if builder is None:
-        raise ValueError(f"data file {path}: suffix {path.suffix!r} unsupported; use one of {', '.join(BUILDERS)}")
+        raise ValueError(
+            f"data file {path}: suffix {path.suffix!r} unsupported; use one of {', '.join(BUILDERS)}"
+        )
     return load_dataset(builder, data_files=str(path), split="train")
 
 
@@ -54,7 +58,9 @@ def _require_columns(ds: Dataset, columns: list[str], where: str) -> None:
             raise ValueError(f"{where}: column {column!r} not found; columns present: {ds.column_names}")
 
 
-def infer_labels(train_file: Path, label_column: str, num_labels: int | None) -> tuple[int, tuple[str, ...] | None]:
+def infer_labels(
+    train_file: Path, label_column: str, num_labels: int | None
+) -> tuple[int, tuple[str, ...] | None]:
     """Settle (num_labels, string label names) from the training file's label column.
 
     Strings become ids by their sorted order, so train and validation agree; floats mean
@@ -75,9 +81,7 @@ def infer_labels(train_file: Path, label_column: str, num_labels: int | None) ->
             )
         log.info("task labels %s map to ids 0..%d in this order", list(names), len(names) - 1)
         return len(names), names
-    if pa.types.is_floating(kind) and num_labels is None:
-        return 1, None
-    if num_labels == 1:
+    if num_labels == 1 or (num_labels is None and pa.types.is_floating(kind)):
         return 1, None
     if not all(float(v).is_integer() for v in values):
         raise ValueError(
@@ -109,26 +113,29 @@ def _encode_labels(ds: Dataset, spec: TaskSpec, where: str) -> Dataset:
     return ds.cast_column(column, Value("int64"))
 
 
+def _sources(spec: TaskSpec) -> dict[str, tuple[Dataset, str]]:
+    """Each split with the words an error message uses to point at it."""
+    if spec.glue_subset is not None:
+        hub = load_dataset(GLUE_DATASET, spec.glue_subset)
+        return {
+            split: (hub[name], f"{GLUE_DATASET} {spec.glue_subset} split {name}")
+            for split, name in (("train", spec.train_split), ("validation", spec.eval_split))
+        }
+    assert spec.train_file is not None and spec.validation_file is not None  # TaskSpec checks this
+    return {
+        "train": (read_local_file(spec.train_file), f"task.train_file {spec.train_file}"),
+        "validation": (read_local_file(spec.validation_file), f"task.validation_file {spec.validation_file}"),
+    }
+
+
 def load_raw_splits(spec: TaskSpec) -> DatasetDict:
     """`train` and `validation` splits holding only the text columns and the encoded label column."""
-    if spec.glue_subset is not None:
-        from trainables.tasks import GLUE_DATASET
-
-        hub = load_dataset(GLUE_DATASET, spec.glue_subset)
-        splits = {"train": hub[spec.train_split], "validation": hub[spec.eval_split]}
-        sources = {"train": f"{GLUE_DATASET}/{spec.glue_subset} {spec.train_split}",
-                   "validation": f"{GLUE_DATASET}/{spec.glue_subset} {spec.eval_split}"}
-    else:
-        assert spec.train_file is not None and spec.validation_file is not None
-        splits = {"train": read_local_file(spec.train_file), "validation": read_local_file(spec.validation_file)}
-        sources = {"train": f"task.train_file {spec.train_file}",
-                   "validation": f"task.validation_file {spec.validation_file}"}
     columns = [*spec.text_columns, spec.label_column]
-    out = {}
-    for split, ds in splits.items():
-        _require_columns(ds, columns, sources[split])
-        out[split] = _encode_labels(ds.select_columns(columns), spec, sources[split])
-    return DatasetDict(out)
+    splits = {}
+    for split, (ds, where) in _sources(spec).items():
+        _require_columns(ds, columns, where)
+        splits[split] = _encode_labels(ds.select_columns(columns), spec, where)
+    return DatasetDict(splits)
 
 
 def _file_fingerprint(path: Path | None) -> list[Any] | None:
@@ -175,7 +182,9 @@ def _subset(ds: Dataset, limit: int | None, seed: int) -> Dataset:
     return ds.select(sorted(picked.tolist()))
 
 
-def _tokenize(ds: Dataset, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, max_seq_length: int, fingerprint: str) -> Dataset:
+def _tokenize(
+    ds: Dataset, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, max_seq_length: int, fingerprint: str
+) -> Dataset:
     def encode(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, Any]:
         texts = [batch[column] for column in spec.text_columns]
         encoded = tokenizer(*texts, truncation=True, max_length=max_seq_length)
@@ -207,7 +216,8 @@ def tokenized_splits(
     address their memory banks. Cached under `<cache root>/tokenized/<task>-<key>`.
     """
     key = cache_key(spec, tokenizer, max_seq_length, max_train_samples, max_eval_samples, seed)
-    path = cache_root(cache_dir) / "tokenized" / f"{spec.name}-{key}"
+    safe_name = re.sub(r"[^\w.-]", "_", spec.name)  # a task name must not become a path
+    path = cache_root(cache_dir) / "tokenized" / f"{safe_name}-{key}"
     if not path.exists():
         raw = load_raw_splits(spec)
         sampled = {
@@ -215,7 +225,8 @@ def tokenized_splits(
             "validation": _subset(raw["validation"], max_eval_samples, EVAL_SAMPLE_SEED),
         }
         tokenized = DatasetDict(
-            {split: _tokenize(ds, spec, tokenizer, max_seq_length, f"{key}-{split}") for split, ds in sampled.items()}
+            {split: _tokenize(ds, spec, tokenizer, max_seq_length, f"{key}-{split}")
+             for split, ds in sampled.items()}
         )
         _save_atomically(tokenized, path)
     return load_from_disk(str(path))
@@ -234,12 +245,16 @@ def _save_atomically(splits: DatasetDict, path: Path) -> None:
         shutil.rmtree(tmp)
 
 
-def make_collator(tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None) -> DataCollatorWithPadding:
+def make_collator(
+    tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None
+) -> DataCollatorWithPadding:
     """Pads each batch to its longest row; labels and example_id pass through as tensors."""
     return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
 
 
-def length_grouped_sampler(dataset: Dataset, batch_size: int, generator: torch.Generator | None = None) -> LengthGroupedSampler:
+def length_grouped_sampler(
+    dataset: Dataset, batch_size: int, generator: torch.Generator | None = None
+) -> LengthGroupedSampler:
     """`group_by_length`: batches of similar lengths waste less compute on padding."""
     lengths = [len(ids) for ids in dataset["input_ids"]]
     return LengthGroupedSampler(batch_size, lengths=lengths, generator=generator)

@@ -23,7 +23,6 @@ from trainables.objectives import REGISTRY, ModuleContext
 from trainables.tasks import TaskSpec, resolve_task
 from trainables.training import DistillationLoop, Reporter, StepCallback, TaskData
 
-DEFAULT_CACHE = Path("~/.cache/distillsweep").expanduser()
 
 
 def distill(
@@ -93,7 +92,7 @@ def load_task_data(
         spec,
         tokenizer,
         max_seq_length=training.max_seq_length,
-        cache_dir=(cache_dir or DEFAULT_CACHE).expanduser().resolve() / "tokenized",
+        cache_dir=cache_dir,
         max_train_samples=training.max_train_samples,
         max_eval_samples=training.max_eval_samples,
         seed=training.seed,

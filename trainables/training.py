@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, get_scheduler
@@ -297,7 +298,7 @@ class DistillationLoop:
             losses.append(task_loss(out, batch["labels"]).item() * len(out))
             logits.append(out.cpu().numpy())
             labels.append(batch["labels"].cpu().numpy())
-        gathered = self.accelerator.gather_object([(np.concatenate(logits), np.concatenate(labels), sum(losses))])
+        gathered = gather_object([(np.concatenate(logits), np.concatenate(labels), sum(losses))])
         all_logits = np.concatenate([g[0] for g in gathered])
         all_labels = np.concatenate([g[1] for g in gathered])
         metrics = {f"eval_{k}": float(v) for k, v in self.data.score(all_logits, all_labels).items()}

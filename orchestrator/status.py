@@ -1,0 +1,93 @@
+"""Reading a sweep back from disk: trial states, the study report, and unsent MLflow records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from orchestrator.messages import UserError
+from orchestrator.report import read_trials, write_report
+from orchestrator.sweep import PENDING_FILE, SweepState, optuna_choices
+from orchestrator.tracking import MlflowJournal
+
+
+def experiment_dir(state: SweepState) -> Path:
+    spec = state.sweep_spec
+    root = spec.storage_root()
+    if "://" in root:
+        raise UserError(f"storage {root} is remote: run status/report where it is mounted, or copy it locally")
+    return Path(root) / spec.name
+
+
+def tune_trial_states(folder: Path) -> dict[str, str]:
+    """trial id -> Tune status from the newest experiment state file."""
+    files = sorted(folder.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return {}
+    data = json.loads(files[-1].read_text())
+    states = {}
+    for trial_json, _runtime in data.get("trial_data", []):
+        trial = json.loads(trial_json)
+        states[trial["trial_id"]] = trial["status"]
+    return states
+
+
+def trial_statuses(sweep_dir: Path) -> list[dict[str, Any]]:
+    state = SweepState.load(sweep_dir)
+    folder = experiment_dir(state)
+    states = tune_trial_states(folder)
+    records = {r.trial_id: r for r in read_trials(folder, state.base, optuna_choices(state.sweep_spec))}
+    rows = []
+    for trial_id in sorted(set(states) | set(records)):
+        record = records.get(trial_id)
+        rows.append(
+            {
+                "trial": trial_id,
+                "state": states.get(trial_id, "UNKNOWN"),
+                "objective_mix": record.objective_mix if record else "",
+                "init": record.init if record else "",
+                "task": record.task if record else "",
+                "seed": record.seed if record else "",
+                "step": record.steps if record else 0,
+                "score": f"{record.final_score:.4f}" if record else "",
+            }
+        )
+    return rows
+
+
+def build_report(sweep_dir: Path, value: str) -> tuple[Path, Path, str, bool]:
+    """Write the report next to the sweep and log it to the sweep's MLflow parent run."""
+    state = SweepState.load(sweep_dir)
+    records = read_trials(experiment_dir(state), state.base, optuna_choices(state.sweep_spec))
+    md_path, csv_path, markdown = write_report(records, Path(state.sweep_dir) / "report", value)
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(state.tracking_uri)
+        for path in (md_path, csv_path, md_path.with_name("trials.csv")):
+            client.log_artifact(state.parent_run_id, str(path), "report")
+        logged = True
+    except Exception as err:  # the report on disk is the result; MLflow is a copy
+        print(f"[distillsweep] could not log the report to MLflow ({err})")
+        logged = False
+    return md_path, csv_path, markdown, logged
+
+
+def sync_pending(sweep_dir: Path) -> tuple[int, int]:
+    """Replay records that the tracker kept while MLflow did not answer."""
+    state = SweepState.load(sweep_dir)
+    pending = Path(state.sweep_dir) / PENDING_FILE
+    if not pending.exists():
+        return 0, 0
+    records = [json.loads(line) for line in pending.read_text().splitlines() if line.strip()]
+    journal = MlflowJournal(state.tracking_uri, state.experiment_id, pending)
+    for record in records:
+        if record["op"] != "create" and record["key"] not in journal.run_ids:
+            found = journal.find_run(record["key"], state.parent_run_id)
+            if found:
+                journal.run_ids[record["key"]] = found
+        journal.queue.append(record)
+    journal.flush()
+    left = journal.save_pending()
+    return len(records) - left, left

@@ -1,0 +1,356 @@
+"""Run, resume and inspect sweeps: the Tuner with its search, scheduler, resources and storage.
+
+A sweep's own state (the spec, the MLflow parent run, the teachers it uses) is saved next to
+Tune's experiment folder, so `resume` and `report` need only the sweep's path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import Distribution, SweepSpec
+from orchestrator.demo import DEMO_TEACHER, resolve_demo_teacher
+from orchestrator.messages import UserError
+from orchestrator.spaces import check_space, label, optuna_define_by_run, tune_domain, tune_param_space
+from orchestrator.tracker import SweepTracker
+from orchestrator.tracking import default_tracking_uri, ensure_experiment
+from trainables.config import RunConfig
+
+STATE_FILE = "distillsweep.json"
+PENDING_FILE = "mlflow_pending.jsonl"
+
+
+@dataclass
+class SweepState:
+    """What `resume`, `status` and `report` need to know about a sweep."""
+
+    spec: dict[str, Any]
+    sweep_dir: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    teachers: dict[str, str]
+    base: dict[str, Any]
+
+    def save(self) -> None:
+        path = Path(self.sweep_dir) / STATE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2, default=str))
+
+    @classmethod
+    def load(cls, sweep_dir: Path) -> SweepState:
+        path = Path(sweep_dir).expanduser().resolve() / STATE_FILE
+        if not path.exists():
+            raise UserError(f"{sweep_dir}: not a sweep folder (no {STATE_FILE}); give the folder `sweep` printed")
+        return cls(**json.loads(path.read_text()))
+
+    @property
+    def sweep_spec(self) -> SweepSpec:
+        return SweepSpec.model_validate(self.spec)
+
+
+def sweep_dir(spec: SweepSpec) -> Path:
+    root = spec.storage_root()
+    if "://" in root:
+        return Path.cwd() / ".distillsweep" / spec.name
+    return Path(root) / spec.name
+
+
+def tracking_uri_for(spec: SweepSpec) -> str:
+    if spec.tracking.uri:
+        return spec.tracking.uri
+    root = spec.storage_root()
+    return default_tracking_uri(None if "://" in root else Path(root))
+
+
+# --- before Ray -----------------------------------------------------------------------------
+
+
+def teacher_source(spec: SweepSpec, cfg: RunConfig) -> str:
+    """Where a trial's teacher architecture can be read before any teacher is fine-tuned."""
+    task = cfg.task if isinstance(cfg.task, str) else cfg.task.name
+    if task in spec.teachers:
+        return spec.teachers[task]
+    if spec.teacher_finetune is not None:
+        return spec.teacher_finetune.base_model
+    if cfg.teacher == DEMO_TEACHER:
+        from trainables.demo import demo_teacher_base
+
+        return str(demo_teacher_base())
+    return cfg.teacher
+
+
+def teacher_shape(source: str) -> tuple[int, int]:
+    """(layers, heads) of a teacher from its config alone, without loading weights."""
+    from transformers import AutoConfig
+
+    from trainables.models import resolve_model_source
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_source(source))
+    except OSError as err:
+        raise ValueError(f"teacher {source!r}: cannot read its config ({first_line(err)})") from None
+    return config.num_hidden_layers, config.num_attention_heads
+
+
+def first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def validate(spec: SweepSpec) -> list[RunConfig]:
+    """Everything that can be checked without starting Ray or training anything."""
+    if spec.search.multi_objective and spec.scheduler.type != "none":
+        raise UserError(
+            f"scheduler.type {spec.scheduler.type}: early stopping needs one metric, but search.metric "
+            f"lists {spec.search.metric}; use scheduler.type none for multi-objective search"
+        )
+    if spec.search.algorithm == "optuna" and any(
+        isinstance(v, Distribution) and v.kind == "grid" for v in spec.space.values()
+    ):
+        raise UserError("search.algorithm optuna samples every entry: write `choice` instead of `grid` in space")
+    if spec.search.algorithm == "grid" and any(
+        isinstance(v, Distribution) and v.kind != "grid" for v in spec.space.values()
+    ):
+        raise UserError("search.algorithm grid tries grid entries only: use random or optuna for distributions")
+    shapes: dict[str, tuple[int, int]] = {}
+
+    def shape(cfg: RunConfig) -> tuple[int, int]:
+        source = teacher_source(spec, cfg)
+        if source.startswith(("models:/", "runs:/")):
+            return 10**6, 0  # read at trial start, where the run checks it
+        if source not in shapes:
+            shapes[source] = teacher_shape(source)
+        return shapes[source]
+
+    return check_space(spec, shape)
+
+
+def teacher_tasks(configs: list[RunConfig]) -> list[Any]:
+    tasks: dict[str, Any] = {}
+    for cfg in configs:
+        name = cfg.task if isinstance(cfg.task, str) else cfg.task.name
+        tasks.setdefault(name, cfg.task)
+    return list(tasks.values())
+
+
+def prepare_teachers(spec: SweepSpec, configs: list[RunConfig]) -> dict[str, str]:
+    """Fine-tune (or reuse) one teacher per task when the spec asks; `teachers` entries win."""
+    teachers = dict(spec.teachers)
+    if spec.teacher_finetune is None:
+        return teachers
+    from trainables.teacher import TeacherRequest, finetune_teacher
+
+    for task in teacher_tasks(configs):
+        name = task if isinstance(task, str) else task.name
+        if name in teachers:
+            continue
+        fields: dict[str, Any] = {
+            "base_model": spec.teacher_finetune.base_model,
+            "task": task,
+            "training": spec.teacher_finetune.training,
+        }
+        if spec.teacher_finetune.output_root is not None:
+            fields["output_root"] = spec.teacher_finetune.output_root
+        path, reused = finetune_teacher(TeacherRequest(**fields))
+        print(f"[distillsweep] teacher for {name}: {path} ({'reused' if reused else 'fine-tuned'})")
+        teachers[name] = str(path)
+    return teachers
+
+
+# --- Ray ------------------------------------------------------------------------------------
+
+
+def init_ray(address: str | None, spec: SweepSpec) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {
+        "OMP_NUM_THREADS": str(max(1, int(spec.resources.cpu))),
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "DISTILLSWEEP_CACHE"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, runtime_env={"env_vars": env})
+
+
+def build_search(spec: SweepSpec) -> Any:
+    if spec.search.algorithm != "optuna":
+        return None
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    if spec.search.multi_objective:
+        sampler = optuna.samplers.NSGAIISampler(seed=spec.search.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=spec.search.seed)
+    return OptunaSearch(
+        space=optuna_define_by_run(spec), metric=spec.search.metric, mode=spec.search.mode, sampler=sampler
+    )
+
+
+def build_scheduler(spec: SweepSpec) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule, PopulationBasedTraining
+
+    s = spec.scheduler
+    if s.type == "asha":
+        return ASHAScheduler(
+            time_attr=s.time_attr, max_t=s.max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor
+        )
+    if s.type == "median":
+        return MedianStoppingRule(time_attr=s.time_attr, grace_period=s.grace_period)
+    if s.type == "pbt":
+        return PopulationBasedTraining(
+            time_attr=s.time_attr,
+            perturbation_interval=s.perturbation_interval,
+            hyperparam_mutations={k: tune_domain(v) for k, v in s.hyperparam_mutations.items()},
+        )
+    return None
+
+
+def optuna_choices(spec: SweepSpec) -> dict[str, dict[str, Any]]:
+    """label -> value of every categorical entry, for decoding what Optuna suggested."""
+    if spec.search.algorithm != "optuna":
+        return {}
+    return {
+        key: {label(v): v for v in getattr(dist, dist.kind)}
+        for key, dist in spec.space.items()
+        if isinstance(dist, Distribution) and dist.kind in ("grid", "choice")
+    }
+
+
+def trainable_for(state: SweepState) -> Any:
+    from ray import tune
+
+    from trainables.tune_trainable import distillation_trial
+
+    spec = state.sweep_spec
+    trainable = tune.with_parameters(
+        distillation_trial,
+        base=state.base,
+        teachers=state.teachers,
+        choices=optuna_choices(spec),
+        cpus_per_trial=max(1, int(spec.resources.cpu)),
+    )
+    return tune.with_resources(trainable, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+
+
+def run_config_for(state: SweepState, tracker: SweepTracker) -> Any:
+    from ray import tune
+
+    spec = state.sweep_spec
+    return tune.RunConfig(
+        name=spec.name,
+        storage_path=spec.storage_root(),
+        failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        callbacks=[tracker],
+        verbose=1,
+    )
+
+
+def start_sweep(spec: SweepSpec, address: str | None = None) -> SweepState:
+    """Validate, prepare teachers, open the MLflow parent run, run every trial."""
+    from mlflow import MlflowClient
+
+    configs = validate(spec)
+    spec = spec.model_copy(update={"base": resolve_demo_teacher(spec.base)})
+    teachers = prepare_teachers(spec, configs)
+    uri = tracking_uri_for(spec)
+    client = MlflowClient(uri)
+    experiment_id = ensure_experiment(client, spec.tracking.experiment, uri)
+    folder = sweep_dir(spec)
+    if (folder / STATE_FILE).exists():
+        raise UserError(f"{folder} holds sweep {spec.name!r} already: `distillsweep resume {folder}` continues it")
+    parent = client.create_run(
+        experiment_id,
+        run_name=spec.name,
+        tags={"distillsweep_sweep": spec.name, "distillsweep_role": "sweep", "sweep_dir": str(folder)},
+    )
+    client.log_dict(parent.info.run_id, spec.model_dump(mode="json"), "sweep_spec.json")
+    client.log_batch(
+        parent.info.run_id,
+        params=sweep_params(spec, len(configs)),
+    )
+    state = SweepState(
+        spec=spec.model_dump(mode="json"),
+        sweep_dir=str(folder),
+        tracking_uri=uri,
+        experiment_id=experiment_id,
+        parent_run_id=parent.info.run_id,
+        teachers=teachers,
+        base=spec.base,
+    )
+    state.save()
+    run_tuner(state, address, restore=False)
+    return state
+
+
+def sweep_params(spec: SweepSpec, checked: int) -> list[Any]:
+    from mlflow.entities import Param
+
+    values = {
+        "search.algorithm": spec.search.algorithm,
+        "search.num_samples": spec.search.num_samples,
+        "search.metric": spec.search.metric,
+        "scheduler.type": spec.scheduler.type,
+        "resources.cpu": spec.resources.cpu,
+        "resources.gpu": spec.resources.gpu,
+        "trials": spec.trial_count,
+        "checked_configs": checked,
+    }
+    return [Param(k, str(v)) for k, v in values.items()]
+
+
+def resume_sweep(folder: Path, address: str | None = None, retry_errored: bool = False) -> SweepState:
+    """Continue an interrupted sweep: finished trials stay, unfinished ones resume from checkpoints."""
+    state = SweepState.load(folder)
+    run_tuner(state, address, restore=True, retry_errored=retry_errored)
+    return state
+
+
+def run_tuner(state: SweepState, address: str | None, restore: bool, retry_errored: bool = False) -> Any:
+    from ray import tune
+
+    spec = state.sweep_spec
+    init_ray(address, spec)
+    tracker = SweepTracker(state.tracking_uri, state.experiment_id, state.parent_run_id, spec.name,
+                           state.base, Path(state.sweep_dir) / PENDING_FILE, optuna_choices(spec))
+    experiment_path = str(Path(spec.storage_root()) / spec.name) if "://" not in spec.storage_root() else (
+        spec.storage_root().rstrip("/") + "/" + spec.name
+    )
+    if restore:
+        if not tune.Tuner.can_restore(experiment_path):
+            raise UserError(f"{experiment_path}: Tune has no experiment state to resume from yet")
+        # The tracker comes back from the experiment state with its record of logged steps.
+        tuner = tune.Tuner.restore(
+            experiment_path, trainable=trainable_for(state), resume_unfinished=True,
+            resume_errored=retry_errored, param_space=tune_param_space(spec) if spec.search.algorithm != "optuna" else None,
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable_for(state),
+            param_space=tune_param_space(spec) if spec.search.algorithm != "optuna" else {},
+            tune_config=tune.TuneConfig(
+                metric=None if spec.search.multi_objective else spec.search.metric,
+                mode=None if spec.search.multi_objective else spec.search.mode,
+                search_alg=build_search(spec),
+                scheduler=build_scheduler(spec),
+                num_samples=spec.search.num_samples,
+                max_concurrent_trials=spec.max_concurrent_trials,
+            ),
+            run_config=run_config_for(state, tracker),
+        )
+    results = tuner.fit()
+    tracker.finish()
+    return results
