@@ -165,15 +165,20 @@ def load_task_arg(task: str) -> Any:
 @app.command()
 @user_errors
 def demo(
-    workdir: Annotated[Path, typer.Option(help="where the demo writes its runs and MLflow store")] = Path(
+    workdir: Annotated[Path, typer.Option(help="where the demo keeps its sweep and MLflow store")] = Path(
         "distillsweep-demo"
     ),
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local Ray)")] = None,
 ) -> None:
-    """Offline demo: build the tweet-sentiment data, fine-tune the MiniLM teacher, distil a student."""
+    """The offline demo: fine-tune the MiniLM teacher on real tweets once, then run the quickstart sweep."""
     from orchestrator.demo import run_demo
 
-    metrics = run_demo(workdir.resolve(), console)
-    print_metrics("demo student", metrics)
+    folder = run_demo(workdir.resolve(), address)
+    Console().print((folder / "report" / "report.md").read_text())
+    console.print(
+        f"sweep folder: {folder}\n  distillsweep status {folder}\n  distillsweep ui {folder}   "
+        "# MLflow UI on http://127.0.0.1:5000"
+    )
 
 
 AddressOption = Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")]

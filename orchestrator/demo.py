@@ -39,3 +39,22 @@ def resolve_demo_teacher(raw: dict[str, Any]) -> dict[str, Any]:
     if raw.get("teacher") == DEMO_TEACHER:
         return {**raw, "teacher": str(demo_teacher())}
     return raw
+
+
+def run_demo(workdir: Path, address: str | None = None) -> Path:
+    """The README's main job: the quickstart sweep into `workdir`, then its report."""
+    from importlib.resources import files
+
+    from orchestrator.config import load_sweep_spec
+    from orchestrator.status import build_report
+    from orchestrator.sweep import SweepState, resume_sweep, start_sweep, sweep_dir
+
+    preset = Path(str(files("search_spaces") / "quickstart.yaml"))
+    spec = load_sweep_spec(preset, {"storage": str(workdir / "sweeps")})
+    folder = sweep_dir(spec)
+    if folder.exists():
+        resume_sweep(folder, address)
+    else:
+        start_sweep(spec, address)
+    build_report(folder, "best_score")
+    return Path(SweepState.load(folder).sweep_dir)

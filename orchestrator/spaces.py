@@ -121,31 +121,31 @@ def conditional_sampler(name: str, domain: Any) -> Callable[[Any], Any]:
 # --- Optuna ---------------------------------------------------------------------------------
 
 
-def optuna_define_by_run(spec: SweepSpec) -> Callable[[Any], dict[str, Any]]:
+class OptunaSpace:
     """A define-by-run space: the mix first, then only the parameters of objectives in it.
 
+    A class rather than a closure because Tune pickles the searcher with the experiment.
     Optuna's categorical choices must be scalars, so list-valued choices (mixes, layer lists)
     are suggested by their label and mapped back.
     """
-    ordered = sorted(spec.space.items(), key=lambda item: item[0] != MIX_KEY)
 
-    def define(trial: Any) -> dict[str, Any]:
+    def __init__(self, spec: SweepSpec) -> None:
+        self.entries = sorted(spec.space.items(), key=lambda item: item[0] != MIX_KEY)
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
         constants: dict[str, Any] = {}
         mix: list[str] | None = None
-        for key, value in ordered:
+        for key, value in self.entries:
             name = objective_of(key)
             if name is not None and mix is not None and name not in mix:
                 continue
-            if not isinstance(value, Distribution):
-                constants[key] = value
-                drawn = value
-            else:
+            if isinstance(value, Distribution):
                 drawn = suggest(trial, key, value)
+            else:
+                constants[key] = drawn = value
             if key == MIX_KEY:
                 mix = list(drawn)
         return constants
-
-    return define
 
 
 def label(value: Any) -> Any:
@@ -169,16 +169,3 @@ def suggest(trial: Any, key: str, dist: Distribution) -> Any:
     if kind == "randint":
         return trial.suggest_int(key, value[0], value[1])
     return trial.suggest_float(key, value[0], value[1], step=value[2])
-
-
-def decode_optuna_config(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
-    """Map label-suggested categorical values back to the space's values."""
-    decoded = dict(config)
-    for key, value in config.items():
-        dist = spec.space.get(key)
-        if isinstance(dist, Distribution) and dist.kind in ("grid", "choice"):
-            options = getattr(dist, dist.kind)
-            labels = [label(v) for v in options]
-            if value in labels:
-                decoded[key] = options[labels.index(value)]
-    return decoded

@@ -15,7 +15,7 @@ from typing import Any
 from orchestrator.config import Distribution, SweepSpec
 from orchestrator.demo import DEMO_TEACHER, resolve_demo_teacher
 from orchestrator.messages import UserError
-from orchestrator.spaces import check_space, label, optuna_define_by_run, tune_domain, tune_param_space
+from orchestrator.spaces import OptunaSpace, check_space, label, tune_domain, tune_param_space
 from orchestrator.tracker import SweepTracker
 from orchestrator.tracking import default_tracking_uri, ensure_experiment
 from trainables.config import RunConfig
@@ -84,6 +84,15 @@ def teacher_source(spec: SweepSpec, cfg: RunConfig) -> str:
     return cfg.teacher
 
 
+# (layers, heads) of the hub teachers the study uses, for checking spaces where the hub is out of reach.
+KNOWN_TEACHERS = {
+    "roberta-base": (12, 12), "FacebookAI/roberta-base": (12, 12),
+    "roberta-large": (24, 16), "FacebookAI/roberta-large": (24, 16),
+    "bert-base-uncased": (12, 12), "google-bert/bert-base-uncased": (12, 12),
+    "bert-large-uncased": (24, 16), "google-bert/bert-large-uncased": (24, 16),
+}
+
+
 def teacher_shape(source: str) -> tuple[int, int]:
     """(layers, heads) of a teacher from its config alone, without loading weights."""
     from transformers import AutoConfig
@@ -93,6 +102,8 @@ def teacher_shape(source: str) -> tuple[int, int]:
     try:
         config = AutoConfig.from_pretrained(resolve_model_source(source))
     except OSError as err:
+        if source in KNOWN_TEACHERS:
+            return KNOWN_TEACHERS[source]
         raise ValueError(f"teacher {source!r}: cannot read its config ({first_line(err)})") from None
     return config.num_hidden_layers, config.num_attention_heads
 
@@ -195,7 +206,7 @@ def build_search(spec: SweepSpec) -> Any:
     else:
         sampler = optuna.samplers.TPESampler(seed=spec.search.seed)
     return OptunaSearch(
-        space=optuna_define_by_run(spec), metric=spec.search.metric, mode=spec.search.mode, sampler=sampler
+        space=OptunaSpace(spec), metric=spec.search.metric, mode=spec.search.mode, sampler=sampler
     )
 
 
@@ -352,5 +363,10 @@ def run_tuner(state: SweepState, address: str | None, restore: bool, retry_error
             run_config=run_config_for(state, tracker),
         )
     results = tuner.fit()
+    states = [r.error is None for r in results]
+    tracker.journal.submit(
+        {"op": "tags", "key": "sweep", "tags": {"trials": len(states), "failed_trials": states.count(False)}}
+    )
+    tracker.journal.submit({"op": "end", "key": "sweep", "status": "FINISHED"})
     tracker.finish()
     return results

@@ -51,6 +51,7 @@ class SweepTracker(Callback):
     def journal(self) -> MlflowJournal:
         if self._journal is None:
             self._journal = MlflowJournal(self.tracking_uri, self.experiment_id, self.pending_file)
+            self._journal.run_ids["sweep"] = self.parent_run_id
         return self._journal
 
     def get_state(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -54,7 +55,7 @@ def distill(
         student_layers=cfg.student.num_layers,
         teacher_layers=teacher_layers,
         num_train_examples=len(data.train),
-        train_labels=data.train.with_format("torch")["labels"] if spec.num_labels > 1 else None,
+        train_labels=torch.tensor(data.train["labels"]) if spec.num_labels > 1 else None,
         combine=pairs.combine,
     )
     modules = {

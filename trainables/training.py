@@ -276,7 +276,7 @@ class DistillationLoop:
             terms = ", ".join(f"{k.removeprefix('train_')}={v}" for k, v in train_metrics.items())
             raise NonFiniteLossError(
                 f"loss became non-finite by step {self.progress.global_step} "
-                f"(learning_rate {self.training.learning_rate}; terms: {terms})"
+                f"(learning_rate {self.training.learning_rate:g}; terms: {terms})"
             )
 
     # --- evaluation --------------------------------------------------------------------------

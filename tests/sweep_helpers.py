@@ -1,0 +1,74 @@
+"""Helpers for end-to-end sweep tests: run the real CLI, read the real MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mlflow import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_env(cache: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DISTILLSWEEP_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+        RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1",
+    )
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def distillsweep(args: list[str], cache: Path, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=cli_env(cache),
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def tiny_space(teacher: str, tmp: Path, **fields: Any) -> dict[str, Any]:
+    """A small real sweep on the demo task with the tiny teacher: a few seconds per trial."""
+    spec = {
+        "name": "tiny",
+        "base": {
+            "task": "demo",
+            "teacher": teacher,
+            "student": {"num_layers": 2, "init": "lower"},
+            "objectives": [{"name": "kd", "weight": 0.5, "temperature": 2.0}],
+            "training": {"learning_rate": 1e-3, "per_device_train_batch_size": 32, "max_seq_length": 48,
+                         "max_steps": 12, "eval_steps": 4},
+        },
+        "space": {"objectives.mix": {"grid": [["kd"], ["kd", "hidden_mse"]]}},
+        "resources": {"cpu": 1},
+        "max_concurrent_trials": 2,
+        "storage": str(tmp / "sweeps"),
+        "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "tests"},
+    }
+    spec.update(fields)
+    return spec
+
+
+def write_space(spec: dict[str, Any], path: Path) -> Path:
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def sweep_runs(tracking_uri: str, experiment: str) -> tuple[Any, list[Any]]:
+    """(parent run, child runs) of the one sweep in `experiment`."""
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("distillsweep_role") == "sweep"]
+    assert len(parents) == 1, [r.info.run_name for r in parents]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    return parents[0], children
+
+
+def metric_steps(tracking_uri: str, run_id: str, key: str = "score") -> list[int]:
+    return [m.step for m in MlflowClient(tracking_uri).get_metric_history(run_id, key)]

@@ -1,0 +1,124 @@
+"""One distillation run end to end on the demo tweets, with tiny real models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trainables.config import RunConfig
+from trainables.run import distill
+from trainables.training import NonFiniteLossError
+
+TRAINING = {"learning_rate": 1e-3, "per_device_train_batch_size": 32, "max_seq_length": 48}
+
+
+def run_config(teacher: str, cache: Path, out: Path, **fields) -> RunConfig:
+    training = {**TRAINING, **fields.pop("training", {})}
+    raw = {
+        "task": "demo",
+        "teacher": teacher,
+        "student": {"num_layers": 2, "init": "lower"},
+        "output_dir": str(out),
+        "cache_dir": str(cache),
+        "training": training,
+        **fields,
+    }
+    return RunConfig.model_validate(raw)
+
+
+def test_distillation_on_demo_data_lowers_distillation_loss_and_beats_chance(tiny_demo_teacher, demo_cache, tmp_path):
+    cfg = run_config(
+        tiny_demo_teacher, demo_cache, tmp_path / "run",
+        objectives=[{"name": "kd", "weight": 0.5}, {"name": "att_kl", "weight": 1.0}],
+        training={"num_train_epochs": 2, "eval_steps": 15},
+    )
+    reports: list[dict] = []
+    final = distill(cfg, lambda metrics, checkpoint: reports.append(metrics))
+    assert reports[-1]["train_kd"] < reports[0]["train_kd"]
+    assert reports[-1]["train_att_kl"] < reports[0]["train_att_kl"]
+    assert final["eval_accuracy"] > 0.65  # balanced binary task: chance is 0.5
+    assert (tmp_path / "run" / "student" / "config.json").exists()
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["score"] == final["score"]
+
+
+class Crash(Exception):
+    pass
+
+
+def test_stop_and_resume_from_checkpoint_ends_with_same_metrics(tiny_demo_teacher, demo_cache, tmp_path):
+    fields = {
+        "objectives": [{"name": "kd", "weight": 0.5}, {"name": "hidden_mse"}, {"name": "crd", "nce_k": 16}],
+        "training": {"max_steps": 24, "eval_steps": 8},
+    }
+    uninterrupted = distill(run_config(tiny_demo_teacher, demo_cache, tmp_path / "a", **fields))
+
+    interrupted = run_config(tiny_demo_teacher, demo_cache, tmp_path / "b", **fields)
+    saved: list[Path] = []
+
+    def crash_after_second_evaluation(metrics: dict, checkpoint: Path | None) -> None:
+        saved.append(checkpoint)
+        if metrics["step"] == 16:
+            raise Crash
+
+    with pytest.raises(Crash):
+        distill(interrupted, crash_after_second_evaluation)
+    steps_after_resume: list[int] = []
+    resumed = distill(interrupted, lambda m, c: steps_after_resume.append(m["step"]), resume_from=saved[-1])
+
+    assert steps_after_resume == [24]
+    assert resumed["step"] == uninterrupted["step"] == 24
+    for key in ("score", "eval_loss", "train_loss", "train_kd", "train_hidden_mse", "train_crd"):
+        assert resumed[key] == pytest.approx(uninterrupted[key], rel=1e-5, abs=1e-6), key
+
+
+def test_two_stage_trains_intermediate_layers_then_prediction_layer(tiny_demo_teacher, demo_cache, tmp_path):
+    cfg = run_config(
+        tiny_demo_teacher, demo_cache, tmp_path / "run",
+        objectives=[{"name": "att_mse"}, {"name": "kd", "weight": 0.5}],
+        stages="two_stage",
+        training={"max_steps": 10, "eval_steps": 10},
+    )
+    reports: list[dict] = []
+    distill(cfg, lambda metrics, checkpoint: reports.append(metrics))
+    first, second = reports
+    assert first["stage_name"] == "intermediate" and "train_att_mse" in first
+    assert "train_ce" not in first and "train_kd" not in first
+    assert second["stage_name"] == "prediction" and "train_kd" in second and "train_ce" in second
+    assert "train_att_mse" not in second
+    assert second["step"] == 20
+
+
+def test_diverging_learning_rate_fails_with_non_finite_loss(tiny_demo_teacher, demo_cache, tmp_path):
+    cfg = run_config(
+        tiny_demo_teacher, demo_cache, tmp_path / "run",
+        objectives=[{"name": "hidden_mse", "weight": 1.0}],
+        training={"learning_rate": 1e12, "max_grad_norm": 0.0, "warmup_ratio": 0.0, "max_steps": 20, "eval_steps": 5},
+    )
+    with pytest.raises(NonFiniteLossError, match="non-finite.*learning_rate 1e\\+12"):
+        distill(cfg)
+
+
+def test_teacher_request_is_reused_the_second_time(tiny_demo_teacher, demo_cache):
+    from trainables.config import TrainingConfig
+    from trainables.teacher import TeacherRequest, finetune_teacher
+
+    request = TeacherRequest(
+        base_model=str(demo_cache / "tiny-base"), task="demo", output_root=demo_cache / "teachers",
+        cache_dir=demo_cache,
+        training=TrainingConfig(learning_rate=1e-3, num_train_epochs=4, per_device_train_batch_size=32,
+                                max_seq_length=48, eval_steps=50, warmup_ratio=0.1),
+    )
+    path, reused = finetune_teacher(request)
+    assert reused and str(path) == tiny_demo_teacher
+
+
+def test_untrained_teacher_head_is_refused(demo_cache, tmp_path):
+    from transformers import BertModel
+
+    from trainables.models import load_teacher
+
+    BertModel.from_pretrained(demo_cache / "tiny-base").save_pretrained(tmp_path / "headless")
+    with pytest.raises(ValueError, match="no trained classification head"):
+        load_teacher(str(tmp_path / "headless"), num_labels=2)

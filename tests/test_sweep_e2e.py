@@ -1,0 +1,193 @@
+"""Sweeps end to end: the real CLI, a real local Ray runtime, real MLflow stores, real Optuna."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from sweep_helpers import ROOT, cli_env, distillsweep, metric_steps, sweep_runs, tiny_space, write_space
+
+pytestmark = pytest.mark.slow
+
+
+def trial_results(experiment_dir: Path) -> dict[str, list[dict]]:
+    """trial id -> its reported rows, from Tune's result.json files."""
+    out = {}
+    for path in experiment_dir.glob("*/result.json"):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if rows:
+            out[rows[0]["trial_id"]] = rows
+    return out
+
+
+def test_quickstart_preset_runs_from_cli_with_asha_and_mlflow(demo_cache, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = distillsweep(
+        ["sweep", str(ROOT / "search_spaces" / "quickstart.yaml"), "--set", f"storage={tmp_path / 'sweeps'}",
+         "--set", f"tracking.uri={uri}"],
+        demo_cache, tmp_path, timeout=1200,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = trial_results(tmp_path / "sweeps" / "quickstart")
+    assert len(results) == 6
+    steps = {trial: rows[-1]["step"] for trial, rows in results.items()}
+    assert max(steps.values()) == 60
+    assert min(steps.values()) < 60, f"ASHA stopped no trial early: {steps}"
+
+    parent, children = sweep_runs(uri, "quickstart")
+    assert len(children) == 6
+    by_trial = {c.data.tags["ray_trial_id"]: c for c in children}
+    assert set(by_trial) == set(results)
+    for trial, rows in results.items():
+        child = by_trial[trial]
+        assert child.info.status == "FINISHED"
+        assert child.data.params["objectives"] in ("kd", "hidden_mse+kd", "att_kl+kd")
+        assert child.data.params["student.init"] in ("lower", "upper")
+        assert metric_steps(uri, child.info.run_id) == [r["step"] for r in rows]
+    assert parent.info.status == "FINISHED"
+
+    status = distillsweep(["status", str(tmp_path / "sweeps" / "quickstart")], demo_cache, tmp_path)
+    assert status.returncode == 0 and "6 terminated" in status.stdout
+
+
+def test_optuna_sweep_samples_objective_weights_and_logs_them(tiny_demo_teacher, demo_cache, tmp_path):
+    spec = tiny_space(
+        tiny_demo_teacher, tmp_path,
+        space={
+            "objectives.mix": {"choice": [["kd"], ["kd", "hidden_mse"]]},
+            "objectives.kd.weight": {"uniform": [0.1, 0.9]},
+            "objectives.kd.temperature": {"choice": [1.0, 2.0, 4.0]},
+            "objectives.hidden_mse.weight": {"loguniform": [0.01, 10.0]},
+        },
+        search={"algorithm": "optuna", "num_samples": 5, "seed": 0},
+        scheduler={"type": "asha", "max_t": 3, "grace_period": 1},
+    )
+    done = distillsweep(["sweep", str(write_space(spec, tmp_path / "optuna.yaml"))], demo_cache, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _, children = sweep_runs(spec["tracking"]["uri"], "tests")
+    assert len(children) == 5
+    weights = [float(c.data.params["objectives.kd.weight"]) for c in children]
+    assert len(set(weights)) == 5 and all(0.1 <= w <= 0.9 for w in weights)
+    for child in children:
+        mix = child.data.params["objectives"]
+        assert ("objectives.hidden_mse.weight" in child.data.params) == ("hidden_mse" in mix)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(tmp_path: Path, port: int) -> subprocess.Popen:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--default-artifact-root", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return server
+        except OSError:
+            time.sleep(0.5)
+    server.kill()
+    raise RuntimeError("mlflow server did not start")
+
+
+def test_sweep_against_real_mlflow_server_and_report(tiny_demo_teacher, demo_cache, tmp_path):
+    port = free_port()
+    server = start_mlflow_server(tmp_path, port)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        spec = tiny_space(
+            tiny_demo_teacher, tmp_path,
+            space={"objectives.mix": {"grid": [["kd"], ["kd", "att_kl"]]},
+                   "student.init": {"grid": ["lower", "upper"]}, "training.seed": {"grid": [1, 2]}},
+            tracking={"uri": uri, "experiment": "tests"},
+        )
+        done = distillsweep(["sweep", str(write_space(spec, tmp_path / "grid.yaml"))], demo_cache, tmp_path)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        parent, children = sweep_runs(uri, "tests")
+        assert len(children) == 8
+        for child in children:
+            assert metric_steps(uri, child.info.run_id) == [4, 8, 12]
+            assert child.data.params["training.seed"] in ("1", "2")
+
+        folder = tmp_path / "sweeps" / "tiny"
+        report = distillsweep(["report", str(folder)], demo_cache, tmp_path)
+        assert report.returncode == 0, report.stdout + report.stderr
+        table = pd.read_csv(folder / "report" / "report.csv")
+        client = MlflowClient(uri)
+        for _, row in table.iterrows():
+            best = [
+                max(m.value for m in client.get_metric_history(c.info.run_id, "score"))
+                for c in children
+                if c.data.params["objectives"] == row["objective_mix"] and c.data.params["student.init"] == row["init"]
+            ]
+            assert row["n"] == len(best) == 2
+            assert row["mean"] == pytest.approx(sum(best) / 2)
+        assert "att_kl+kd" in report.stdout and "lower" in report.stdout
+        artifacts = [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
+        assert "report/report.md" in artifacts and "report/report.csv" in artifacts
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_killed_driver_resumes_with_each_trial_once_in_mlflow(tiny_demo_teacher, demo_cache, tmp_path):
+    spec = tiny_space(
+        tiny_demo_teacher, tmp_path,
+        space={"training.seed": {"grid": [1, 2, 3, 4]}},
+        max_concurrent_trials=1,
+    )
+    spec["base"]["training"].update(max_steps=40, eval_steps=4)
+    space_file = write_space(spec, tmp_path / "resume.yaml")
+    folder = tmp_path / "sweeps" / "tiny"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "sweep", str(space_file)], cwd=tmp_path, env=cli_env(demo_cache),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            results = trial_results(folder)
+            finished = [t for t, rows in results.items() if rows[-1]["step"] == 40]
+            running = [t for t, rows in results.items() if rows[-1]["step"] < 40]
+            if len(finished) >= 1 and running:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the sweep made no progress")
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    before = {t: len(rows) for t, rows in trial_results(folder).items()}
+    finished_rows = {t: trial_results(folder)[t] for t in finished}
+
+    done = distillsweep(["resume", str(folder)], demo_cache, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    after = trial_results(folder)
+    assert len(after) == 4 and all(rows[-1]["step"] == 40 for rows in after.values())
+    for trial in finished:
+        assert after[trial] == finished_rows[trial], "a finished trial was rerun"
+    _, children = sweep_runs(spec["tracking"]["uri"], "tests")
+    trial_ids = [c.data.tags["ray_trial_id"] for c in children]
+    assert sorted(trial_ids) == sorted(after), "each trial exactly once in MLflow"
+    for child in children:
+        steps = metric_steps(spec["tracking"]["uri"], child.info.run_id)
+        assert steps == sorted(set(steps)) and steps[-1] == 40
+        assert child.info.status == "FINISHED"
+    assert sum(before.values()) > 0

@@ -1,0 +1,128 @@
+"""`distillsweep sweep --dry-run`: malformed space files are rejected, field named, before Ray starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+from orchestrator.config import load_sweep_spec
+from orchestrator.spaces import representative_assignments
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def teacher_dir(tmp_path_factory, tiny_bert) -> str:
+    """A local 4-layer teacher directory (config is all a dry run reads)."""
+    path = tmp_path_factory.mktemp("teacher")
+    tiny_bert.save_pretrained(path)
+    return str(path)
+
+
+def space(teacher: str, **changes) -> dict:
+    spec = {
+        "name": "check",
+        "base": {"task": "demo", "teacher": teacher, "student": {"num_layers": 2}},
+        "space": {
+            "objectives.mix": {"grid": [["kd"], ["kd", "att_kl"]]},
+            "student.init": {"grid": ["lower", "upper"]},
+            "training.seed": {"grid": [1, 2]},
+        },
+        "scheduler": {"type": "asha", "max_t": 4},
+    }
+    for key, value in changes.items():
+        node = spec
+        *parents, leaf = key.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value is None:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    return spec
+
+
+def dry_run(tmp_path: Path, spec: dict) -> tuple[int, str]:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result = runner.invoke(app, ["sweep", str(path), "--dry-run"])
+    return result.exit_code, result.output
+
+
+def test_valid_file_prints_trial_count_and_space(tmp_path, teacher_dir):
+    code, out = dry_run(tmp_path, space(teacher_dir))
+    assert code == 0, out
+    assert "8 trials" in out and "objectives.mix" in out and "student.init" in out
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"learning_rate": 1e-4}, "learning_rate"),
+        ({"scheduler/max_tt": 3}, "scheduler.max_tt"),
+        ({"space/objectives.mix": {"grid": [["kd"], ["attention_kl"]]}}, "attention_kl"),
+        ({"space/student.init": {"grid": [[2, 3], [3, 4]]}}, "student.init [3, 4]: teacher has 4 layers (0-3)"),
+        ({"space/training.seed": {"grid": []}}, "space.training.seed: grid is empty"),
+        ({"resources": {"cpu": 1, "gpu": 1.5}}, "resources.gpu"),
+        ({"space/training.learning_rate": {"uniform": [1e-3, 1e-5]}}, "lower bound"),
+        ({"space/objectives.hidden_mse.weight": {"grid": [1.0]}}, "space.objectives.hidden_mse.weight"),
+        ({"space/mapping": [0, 1, 2]}, "mapping"),
+        ({"space/training.warmup_ratio": {"grid": [0.1, 2.0]}}, "training.warmup_ratio"),
+    ],
+)
+def test_malformed_file_is_rejected_naming_the_field_before_ray_starts(tmp_path, teacher_dir, changes, named):
+    code, out = dry_run(tmp_path, space(teacher_dir, **changes))
+    flat = " ".join(out.split())
+    assert code == 2, out
+    assert named in flat
+    assert "Traceback" not in out
+    assert not ray.is_initialized()
+
+
+def test_distribution_in_grid_search_is_rejected(tmp_path, teacher_dir):
+    code, out = dry_run(tmp_path, space(teacher_dir, **{"space/training.learning_rate": {"loguniform": [1e-5, 1e-3]}}))
+    assert code == 2 and "random or optuna" in out
+
+
+def test_multi_objective_search_refuses_early_stopping(tmp_path, teacher_dir):
+    spec = space(teacher_dir, search={"algorithm": "optuna", "metric": ["score", "student_parameters"],
+                                      "mode": ["max", "min"]})
+    spec["space"] = {"objectives.mix": {"choice": [["kd"], ["kd", "att_kl"]]}}
+    code, out = dry_run(tmp_path, spec)
+    assert code == 2 and "one metric" in out
+
+
+def test_set_overrides_fields_and_space_entries(tmp_path, teacher_dir):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space(teacher_dir)))
+    spec = load_sweep_spec(path, {"base.training.max_steps": 5, "space.training.seed": {"grid": [1, 2, 3]}})
+    assert spec.base["training"]["max_steps"] == 5
+    assert spec.trial_count == 12
+
+
+def test_representatives_cover_every_grid_value_and_range_bounds(tmp_path, teacher_dir):
+    spec = load_sweep_spec_from(tmp_path, space(teacher_dir, **{
+        "search": {"algorithm": "random"},
+        "space/training.learning_rate": {"loguniform": [1e-5, 1e-3]},
+    }))
+    drawn = representative_assignments(spec)
+    assert {a["training.learning_rate"] for a in drawn} == {1e-5, 1e-3}
+    assert {a["student.init"] for a in drawn} == {"lower", "upper"}
+
+
+def load_sweep_spec_from(tmp_path: Path, spec: dict):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return load_sweep_spec(path)
+
+
+@pytest.mark.parametrize("preset", sorted(Path("search_spaces").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_preset_validates(preset):
+    result = runner.invoke(app, ["sweep", str(preset), "--dry-run"])
+    assert result.exit_code == 0, result.output
