@@ -148,6 +148,9 @@ class SweepSpec(StrictModel):
     max_failures: int = Field(default=2, ge=-1, description="retries per trial; -1 retries forever")
     teacher_finetune: TeacherFinetune | None = None
     teachers: dict[str, str] = Field(default_factory=dict, description="task name -> teacher, per task")
+    per_task: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="task name -> dotted overrides, e.g. the study's per-task learning rates"
+    )
 
     @field_validator("space")
     @classmethod
@@ -201,7 +204,7 @@ def load_sweep_spec(path: Path, overrides: dict[str, Any] | None = None) -> Swee
     raw.setdefault("name", Path(path).stem)
     for key, value in (overrides or {}).items():
         head, _, rest = key.partition(".")
-        if head in ("space", "teachers") and rest:
+        if head in ("space", "teachers", "per_task") and rest:
             raw.setdefault(head, {})[rest] = value
         else:
             set_dotted(raw, key, value)

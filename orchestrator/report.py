@@ -14,8 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from trainables.config import resolve_run_config
-from trainables.tune_trainable import decode_labels
+from trainables.config import TrialTemplate
 
 
 @dataclass(frozen=True)
@@ -31,7 +30,7 @@ class TrialRecord:
     config: dict[str, Any]
 
 
-def read_trials(experiment_dir: Path, base: dict[str, Any], choices: dict[str, dict[str, Any]]) -> list[TrialRecord]:
+def read_trials(experiment_dir: Path, template: TrialTemplate) -> list[TrialRecord]:
     """One record per trial folder that reported at least one evaluation."""
     records = []
     for params_file in sorted(experiment_dir.glob("*/params.json")):
@@ -42,8 +41,9 @@ def read_trials(experiment_dir: Path, base: dict[str, Any], choices: dict[str, d
         rows = [r for r in rows if "score" in r]
         if not rows:
             continue
-        config = {k: v for k, v in decode_labels(json.loads(params_file.read_text()), choices).items() if v is not None}
-        cfg = resolve_run_config(base, config)
+        drawn = json.loads(params_file.read_text())
+        config = template.decode(drawn)
+        cfg = template.resolve(drawn)
         last = max(rows, key=lambda r: r.get("step", 0))
         records.append(
             TrialRecord(

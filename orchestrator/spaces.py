@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from orchestrator.config import Distribution, SweepSpec
 from orchestrator.messages import UserError, describe_error
-from trainables.config import MIX_KEY, RunConfig, check_against_teacher, resolve_run_config
+from trainables.config import MIX_KEY, RunConfig, TrialTemplate, check_against_teacher
 
 MAX_CHECKED_COMBINATIONS = 20_000
 
@@ -65,14 +65,19 @@ def check_space(spec: SweepSpec, teacher_shape: Callable[[RunConfig], tuple[int,
         if name is not None and not any(name in mix for mix in mixes(spec)):
             raise UserError(f"space.{key}: objective {name!r} is in no objective mix of this sweep")
     configs = []
+    template = TrialTemplate(spec.base, spec.per_task)
     for assignment in representative_assignments(spec):
         try:
-            cfg = resolve_run_config(spec.base, assignment)
+            cfg = template.resolve(assignment)
             check_against_teacher(cfg, *teacher_shape(cfg))
         except (ValidationError, ValueError) as err:
             drawn = ", ".join(f"{k}={v!r}" for k, v in assignment.items()) or "the base config"
             raise UserError(f"trial with {drawn} is invalid: {describe_error(err)}") from None
         configs.append(cfg)
+    tasks = {c.task if isinstance(c.task, str) else c.task.name for c in configs}
+    for task in spec.per_task:
+        if task not in tasks:
+            raise UserError(f"per_task.{task}: no trial of this sweep has task {task!r} (tasks: {sorted(tasks)})")
     return configs
 
 

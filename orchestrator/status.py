@@ -8,7 +8,7 @@ from typing import Any
 
 from orchestrator.messages import UserError
 from orchestrator.report import read_trials, write_report
-from orchestrator.sweep import PENDING_FILE, SweepState, optuna_choices
+from orchestrator.sweep import PENDING_FILE, SweepState
 from orchestrator.tracking import MlflowJournal
 
 
@@ -37,7 +37,7 @@ def trial_statuses(sweep_dir: Path) -> list[dict[str, Any]]:
     state = SweepState.load(sweep_dir)
     folder = experiment_dir(state)
     states = tune_trial_states(folder)
-    records = {r.trial_id: r for r in read_trials(folder, state.base, optuna_choices(state.sweep_spec))}
+    records = {r.trial_id: r for r in read_trials(folder, state.template)}
     rows = []
     for trial_id in sorted(set(states) | set(records)):
         record = records.get(trial_id)
@@ -59,7 +59,7 @@ def trial_statuses(sweep_dir: Path) -> list[dict[str, Any]]:
 def build_report(sweep_dir: Path, value: str) -> tuple[Path, Path, str, bool]:
     """Write the report next to the sweep and log it to the sweep's MLflow parent run."""
     state = SweepState.load(sweep_dir)
-    records = read_trials(experiment_dir(state), state.base, optuna_choices(state.sweep_spec))
+    records = read_trials(experiment_dir(state), state.template)
     md_path, csv_path, markdown = write_report(records, Path(state.sweep_dir) / "report", value)
     try:
         from mlflow import MlflowClient

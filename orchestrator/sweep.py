@@ -7,6 +7,7 @@ Tune's experiment folder, so `resume` and `report` need only the sweep's path.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from orchestrator.messages import UserError
 from orchestrator.spaces import OptunaSpace, check_space, label, tune_domain, tune_param_space
 from orchestrator.tracker import SweepTracker
 from orchestrator.tracking import default_tracking_uri, ensure_experiment
-from trainables.config import RunConfig
+from trainables.config import RunConfig, TrialTemplate
 
 STATE_FILE = "distillsweep.json"
 PENDING_FILE = "mlflow_pending.jsonl"
@@ -51,6 +52,11 @@ class SweepState:
     @property
     def sweep_spec(self) -> SweepSpec:
         return SweepSpec.model_validate(self.spec)
+
+    @property
+    def template(self) -> TrialTemplate:
+        spec = self.sweep_spec
+        return TrialTemplate(self.base, spec.per_task, self.teachers, optuna_choices(spec))
 
 
 def sweep_dir(spec: SweepSpec) -> Path:
@@ -149,27 +155,45 @@ def teacher_tasks(configs: list[RunConfig]) -> list[Any]:
 
 
 def prepare_teachers(spec: SweepSpec, configs: list[RunConfig]) -> dict[str, str]:
-    """Fine-tune (or reuse) one teacher per task when the spec asks; `teachers` entries win."""
+    """Fine-tune (or reuse) one teacher per task when the spec asks; `teachers` entries win.
+
+    Each fine-tuning is a Ray task with a trial's resources, so on a cluster they run on GPU
+    workers in parallel; the output root must be a folder every node can read.
+    """
     teachers = dict(spec.teachers)
     if spec.teacher_finetune is None:
         return teachers
-    from trainables.teacher import TeacherRequest, finetune_teacher
+    import ray
 
+    from trainables.teacher import TeacherRequest
+
+    requests = {}
     for task in teacher_tasks(configs):
         name = task if isinstance(task, str) else task.name
         if name in teachers:
             continue
         fields: dict[str, Any] = {
-            "base_model": spec.teacher_finetune.base_model,
-            "task": task,
-            "training": spec.teacher_finetune.training,
+            "base_model": spec.teacher_finetune.base_model, "task": task, "training": spec.teacher_finetune.training,
         }
         if spec.teacher_finetune.output_root is not None:
             fields["output_root"] = spec.teacher_finetune.output_root
-        path, reused = finetune_teacher(TeacherRequest(**fields))
+        requests[name] = TeacherRequest(**fields)
+    remote = ray.remote(finetune_teacher_task).options(
+        num_cpus=spec.resources.cpu, num_gpus=math.ceil(spec.resources.gpu), max_retries=spec.max_failures
+    )
+    futures = {name: remote.remote(request) for name, request in requests.items()}
+    for name, future in futures.items():
+        path, reused = ray.get(future)
         print(f"[distillsweep] teacher for {name}: {path} ({'reused' if reused else 'fine-tuned'})")
         teachers[name] = str(path)
     return teachers
+
+
+def finetune_teacher_task(request: Any) -> tuple[str, bool]:
+    from trainables.teacher import finetune_teacher
+
+    path, reused = finetune_teacher(request)
+    return str(path), reused
 
 
 # --- Ray ------------------------------------------------------------------------------------
@@ -247,11 +271,7 @@ def trainable_for(state: SweepState) -> Any:
 
     spec = state.sweep_spec
     trainable = tune.with_parameters(
-        distillation_trial,
-        base=state.base,
-        teachers=state.teachers,
-        choices=optuna_choices(spec),
-        cpus_per_trial=max(1, int(spec.resources.cpu)),
+        distillation_trial, template=state.template, cpus_per_trial=max(1, int(spec.resources.cpu))
     )
     return tune.with_resources(trainable, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
@@ -275,14 +295,20 @@ def start_sweep(spec: SweepSpec, address: str | None = None) -> SweepState:
     from mlflow import MlflowClient
 
     configs = validate(spec)
-    spec = spec.model_copy(update={"base": resolve_demo_teacher(spec.base)})
-    teachers = prepare_teachers(spec, configs)
-    uri = tracking_uri_for(spec)
-    client = MlflowClient(uri)
-    experiment_id = ensure_experiment(client, spec.tracking.experiment, uri)
     folder = sweep_dir(spec)
     if (folder / STATE_FILE).exists():
         raise UserError(f"{folder} holds sweep {spec.name!r} already: `distillsweep resume {folder}` continues it")
+    spec = spec.model_copy(update={"base": resolve_demo_teacher(spec.base)})
+    init_ray(address, spec)
+    teachers = prepare_teachers(spec, configs)
+    uri = tracking_uri_for(spec)
+    client = MlflowClient(uri)
+    try:
+        experiment_id = ensure_experiment(client, spec.tracking.experiment, uri)
+    except Exception as err:
+        raise UserError(
+            f"MLflow tracking store {uri} does not answer ({first_line(err)}): start the server or set tracking.uri"
+        ) from None
     parent = client.create_run(
         experiment_id,
         run_name=spec.name,
@@ -336,7 +362,7 @@ def run_tuner(state: SweepState, address: str | None, restore: bool, retry_error
     spec = state.sweep_spec
     init_ray(address, spec)
     tracker = SweepTracker(state.tracking_uri, state.experiment_id, state.parent_run_id, spec.name,
-                           state.base, Path(state.sweep_dir) / PENDING_FILE, optuna_choices(spec))
+                           state.template, Path(state.sweep_dir) / PENDING_FILE)
     experiment_path = str(Path(spec.storage_root()) / spec.name) if "://" not in spec.storage_root() else (
         spec.storage_root().rstrip("/") + "/" + spec.name
     )
@@ -363,10 +389,15 @@ def run_tuner(state: SweepState, address: str | None, restore: bool, retry_error
             run_config=run_config_for(state, tracker),
         )
     results = tuner.fit()
-    states = [r.error is None for r in results]
+    failed = [r for r in results if r.error is not None]
     tracker.journal.submit(
-        {"op": "tags", "key": "sweep", "tags": {"trials": len(states), "failed_trials": states.count(False)}}
+        {"op": "tags", "key": "sweep", "tags": {"trials": len(results), "failed_trials": len(failed)}}
     )
     tracker.journal.submit({"op": "end", "key": "sweep", "status": "FINISHED"})
     tracker.finish()
+    print(f"[distillsweep] {len(results) - len(failed)} of {len(results)} trials finished, {len(failed)} failed")
+    for result in failed:
+        print(f"  failed: {Path(result.path).name}: {first_line(result.error).strip()[:300]}")
+    if results and len(failed) == len(results):
+        raise UserError("every trial failed; the first error: " + str(failed[0].error).strip().splitlines()[-1])
     return results

@@ -9,6 +9,7 @@ not logged twice.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,7 @@ from typing import Any
 from ray.tune import Callback
 
 from orchestrator.tracking import MlflowJournal, numeric_metrics, run_params, run_tags
-from trainables.config import resolve_run_config
-from trainables.tune_trainable import decode_labels
+from trainables.config import TrialTemplate
 
 STATE_NAMES = {"TERMINATED": "FINISHED", "ERROR": "FAILED"}
 
@@ -29,17 +29,15 @@ class SweepTracker(Callback):
         experiment_id: str,
         parent_run_id: str,
         sweep_name: str,
-        base: dict[str, Any],
+        template: TrialTemplate,
         pending_file: Path,
-        choices: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.sweep_name = sweep_name
-        self.base = base
+        self.template = template
         self.pending_file = pending_file
-        self.choices = choices or {}
         self.last_step: dict[str, int] = {}
         self._journal: MlflowJournal | None = None
 
@@ -96,9 +94,9 @@ class SweepTracker(Callback):
 
     def _open(self, trial: Any) -> None:
         key = self.key(trial)
-        config = {k: v for k, v in decode_labels(trial.config, self.choices).items() if v is not None}
+        config = self.template.decode(trial.config)
         try:
-            cfg = resolve_run_config(self.base, config)
+            cfg = self.template.resolve(trial.config)
             params, tags = run_params(cfg), run_tags(cfg)
             name = f"{cfg.objective_mix}|{cfg.student.init_name}|{tags['task']}|{trial.trial_id}"
         except Exception:  # the trial itself will fail with the validation message
@@ -113,7 +111,7 @@ class SweepTracker(Callback):
         self.journal.submit({"op": "create", "key": key, "parent": self.parent_run_id, "tags": tags, "name": name})
         self.journal.submit({"op": "params", "key": key, "params": params})
         self.journal.submit({"op": "tags", "key": key, "tags": {"trial_state": "RUNNING"}})
-        self.journal.submit({"op": "text", "key": key, "file": "run_config.json", "text": _json(config, self.base)})
+        self.journal.submit({"op": "text", "key": key, "file": "run_config.json", "text": self._resolved_json(trial.config)})
 
     def _close(self, trial: Any, status: str, state: str, error: str) -> None:
         key = self.key(trial)
@@ -122,6 +120,13 @@ class SweepTracker(Callback):
             tags["error"] = error[:5000]
         self.journal.submit({"op": "tags", "key": key, "tags": tags})
         self.journal.submit({"op": "end", "key": key, "status": status})
+
+    def _resolved_json(self, trial_config: dict[str, Any]) -> str:
+        try:
+            resolved = self.template.resolve(trial_config).model_dump(mode="json")
+        except Exception:  # invalid draws are recorded as drawn; the trial fails with the reason
+            resolved = {"base": self.template.base, "assignments": self.template.decode(trial_config)}
+        return json.dumps(resolved, indent=2, default=str)
 
     def finish(self) -> None:
         """Send what is left; keep the rest on disk for `distillsweep sync`, and say so."""
@@ -151,13 +156,3 @@ def error_summary(trial: Any) -> str:
         lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
         return lines[-1] if lines else "unknown error"
     return "unknown error"
-
-
-def _json(config: dict[str, Any], base: dict[str, Any]) -> str:
-    import json
-
-    try:
-        resolved = resolve_run_config(base, config).model_dump(mode="json")
-    except Exception:
-        resolved = {"base": base, "assignments": config}
-    return json.dumps(resolved, indent=2, default=str)

@@ -51,7 +51,7 @@ def test_quickstart_preset_runs_from_cli_with_asha_and_mlflow(demo_cache, tmp_pa
     for trial, rows in results.items():
         child = by_trial[trial]
         assert child.info.status == "FINISHED"
-        assert child.data.params["objectives"] in ("kd", "hidden_mse+kd", "att_kl+kd")
+        assert child.data.tags["objective_mix"] in ("kd", "hidden_mse+kd", "att_kl+kd")
         assert child.data.params["student.init"] in ("lower", "upper")
         assert metric_steps(uri, child.info.run_id) == [r["step"] for r in rows]
     assert parent.info.status == "FINISHED"
@@ -135,7 +135,7 @@ def test_sweep_against_real_mlflow_server_and_report(tiny_demo_teacher, demo_cac
             best = [
                 max(m.value for m in client.get_metric_history(c.info.run_id, "score"))
                 for c in children
-                if c.data.params["objectives"] == row["objective_mix"] and c.data.params["student.init"] == row["init"]
+                if c.data.tags["objective_mix"] == row["objective_mix"] and c.data.params["student.init"] == row["init"]
             ]
             assert row["n"] == len(best) == 2
             assert row["mean"] == pytest.approx(sum(best) / 2)

@@ -7,6 +7,7 @@ indices, head counts) live in `check_against_teacher`, which callers run before 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -164,7 +165,10 @@ class RunConfig(StrictModel):
     objectives: list[ObjectiveSpec] = Field(default_factory=lambda: [ObjectiveSpec(name="kd", weight=0.5)])
     ce_weight: float = Field(default=0.5, ge=0.0, description="weight of cross-entropy on gold labels")
     mapping: MappingPreset | list[Annotated[int, Field(ge=0)]] = "skip"
-    stages: Literal["one_stage", "two_stage"] = "one_stage"
+    stages: Literal["one_stage", "two_stage", "auto"] = Field(
+        default="one_stage",
+        description="auto: two_stage when the mix has an intermediate-layer objective, as the study's launcher did",
+    )
     training: TrainingConfig = TrainingConfig()
     fidelity: FidelityConfig = FidelityConfig()
     output_dir: Path = Path("runs/default")
@@ -191,6 +195,12 @@ class RunConfig(StrictModel):
                     f"add one of {sorted(n for n, o in REGISTRY.items() if o.stage is Stage.INTERMEDIATE)}"
                 )
         return self
+
+    @property
+    def two_stage(self) -> bool:
+        if self.stages == "auto":
+            return any(REGISTRY[o.name].stage is Stage.INTERMEDIATE for o in self.objectives)
+        return self.stages == "two_stage"
 
     @property
     def objective_mix(self) -> str:
@@ -247,13 +257,17 @@ def set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
 MIX_KEY = "objectives.mix"
 
 
-def resolve_run_config(base: dict[str, Any], assignments: dict[str, Any]) -> RunConfig:
+def resolve_run_config(
+    base: dict[str, Any], assignments: dict[str, Any], per_task: dict[str, dict[str, Any]] | None = None
+) -> RunConfig:
     """Build a trial's RunConfig from the sweep's base config and the values its trial drew.
 
     `assignments` maps dotted RunConfig paths to values. Two keys are special, so that objective
     mixes and their per-objective parameters can be searched:
     `objectives.mix` lists objective names; `objectives.<name>.<param>` sets a parameter of that
     objective and is ignored (it was not sampled) when `<name>` is not in the mix.
+    `per_task` holds dotted overrides applied last for the trial's task (the study's per-task
+    learning rates and batch sizes).
     """
     import copy
 
@@ -274,4 +288,38 @@ def resolve_run_config(base: dict[str, Any], assignments: dict[str, Any]) -> Run
     elif objective_params:
         for entry in raw.get("objectives", []):
             entry.update(objective_params.get(entry.get("name"), {}))
+    task = raw.get("task")
+    for key, value in (per_task or {}).get(task if isinstance(task, str) else "", {}).items():
+        set_dotted(raw, key, value)
     return RunConfig.model_validate(raw)
+
+
+@dataclass(frozen=True)
+class TrialTemplate:
+    """Everything a sweep fixes for its trials; `resolve` turns one trial's draw into a RunConfig.
+
+    teachers: task name -> teacher directory (fine-tuned per task before the sweep).
+    choices: space key -> {label: value}, for categorical values Optuna suggested by label.
+    """
+
+    base: dict[str, Any]
+    per_task: dict[str, dict[str, Any]] = field(default_factory=dict)
+    teachers: dict[str, str] = field(default_factory=dict)
+    choices: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def decode(self, trial_config: dict[str, Any]) -> dict[str, Any]:
+        """Drop parameters that were not sampled (None) and map Optuna labels back to values."""
+        decoded = {}
+        for key, value in trial_config.items():
+            if key in self.choices and isinstance(value, str):
+                value = self.choices[key].get(value, value)
+            if value is not None:
+                decoded[key] = value
+        return decoded
+
+    def resolve(self, trial_config: dict[str, Any]) -> RunConfig:
+        cfg = resolve_run_config(self.base, self.decode(trial_config), self.per_task)
+        task = cfg.task if isinstance(cfg.task, str) else cfg.task.name
+        if task in self.teachers:
+            cfg = cfg.model_copy(update={"teacher": self.teachers[task]})
+        return cfg

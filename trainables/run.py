@@ -67,7 +67,7 @@ def distill(
     distiller = Distiller(
         student, modules, pairs, cfg.fidelity.count_padding, cfg.fidelity.ild_scale_by_batch
     )
-    stages = plan_stages(terms, cfg.ce_weight, two_stage=cfg.stages == "two_stage")
+    stages = plan_stages(terms, cfg.ce_weight, two_stage=cfg.two_stage)
     loop = DistillationLoop(
         distiller, teacher, stages, data, cfg.training, output_dir, accelerator, reporter,
         teacher_dropout=cfg.fidelity.teacher_dropout, on_step=on_step,

@@ -14,32 +14,16 @@ from typing import Any
 import torch
 from ray import tune
 
-from trainables.config import resolve_run_config
+from trainables.config import TrialTemplate
 from trainables.run import distill
 
 
 
-def decode_labels(config: dict[str, Any], choices: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Optuna suggests list-valued categories by label; map them back to their values."""
-    return {k: choices[k].get(v, v) if k in choices and isinstance(v, str) else v for k, v in config.items()}
-
-
-def distillation_trial(
-    config: dict[str, Any],
-    base: dict[str, Any],
-    teachers: dict[str, str] | None = None,
-    choices: dict[str, dict[str, Any]] | None = None,
-    cpus_per_trial: int = 1,
-) -> None:
+def distillation_trial(config: dict[str, Any], template: TrialTemplate, cpus_per_trial: int = 1) -> None:
     """One Tune trial: one distillation run."""
     torch.set_num_threads(max(1, cpus_per_trial))
-    assignments = {k: v for k, v in decode_labels(config, choices or {}).items() if v is not None}
-    cfg = resolve_run_config(base, assignments)
-    task = cfg.task if isinstance(cfg.task, str) else cfg.task.name
-    if teachers and task in teachers:
-        cfg = cfg.model_copy(update={"teacher": teachers[task]})
     trial_dir = Path(tune.get_context().get_trial_dir()).resolve()
-    cfg = cfg.model_copy(update={"output_dir": trial_dir / "run"})
+    cfg = template.resolve(config).model_copy(update={"output_dir": trial_dir / "run"})
 
     resume_from = None
     checkpoint = tune.get_checkpoint()
