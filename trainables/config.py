@@ -125,6 +125,11 @@ class TrainingConfig(StrictModel):
     seed: int = 42
     bf16: bool = False
     fp16: bool = False
+    mixed_precision: Literal["auto", "no"] = Field(
+        default="auto",
+        description="with bf16 and fp16 both false: auto uses bf16 on GPUs that support it, else fp16; "
+        "CPUs always train in fp32",
+    )
     max_train_samples: int | None = Field(default=None, ge=1)
     max_eval_samples: int | None = Field(default=None, ge=1)
     group_by_length: bool = False

@@ -7,6 +7,7 @@ callback receives the metrics of every evaluation and the checkpoint saved with 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -23,6 +24,8 @@ from trainables.models import build_student, encoder_layers, load_teacher, resol
 from trainables.objectives import REGISTRY, ModuleContext
 from trainables.tasks import TaskSpec, resolve_task
 from trainables.training import DistillationLoop, Reporter, StepCallback, TaskData
+
+log = logging.getLogger(__name__)
 
 
 
@@ -81,8 +84,25 @@ def distill(
 
 
 def make_accelerator(training: TrainingConfig) -> Accelerator:
-    precision = "bf16" if training.bf16 else "fp16" if training.fp16 else "no"
-    return Accelerator(mixed_precision=precision)
+    return Accelerator(mixed_precision=choose_precision(training, torch.cuda.is_available()))
+
+
+def choose_precision(training: TrainingConfig, on_gpu: bool) -> str:
+    """Accelerate's mixed_precision for this device.
+
+    On CPU everything trains in fp32 (CPU autocast is slow and fp16 unsupported); on GPU an
+    explicit bf16/fp16 wins, bf16 falls back to fp16 where unsupported, and `auto` picks bf16 or fp16.
+    """
+    if not on_gpu:
+        if training.bf16 or training.fp16:
+            log.warning("no GPU: training in fp32 instead of %s", "bf16" if training.bf16 else "fp16")
+        return "no"
+    bf16_ok = torch.cuda.is_bf16_supported()
+    if training.fp16:
+        return "fp16"
+    if training.bf16 or training.mixed_precision == "auto":
+        return "bf16" if bf16_ok else "fp16"
+    return "no"
 
 
 def load_task_data(

@@ -43,6 +43,10 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run cannot continue meaningfully."""
 
 
+class TrialOutOfMemoryError(RuntimeError):
+    """The device ran out of memory; the message says what the trial asked of it."""
+
+
 @dataclass
 class Progress:
     """Where training stands; saved with every checkpoint."""
@@ -225,12 +229,10 @@ class DistillationLoop:
         while self.progress.stage_step < total_steps:
             for micro in range(t.gradient_accumulation_steps):
                 batch = next(batches)
-                sync = micro == t.gradient_accumulation_steps - 1
-                context = self.accelerator.no_sync(self.distiller) if not sync else nullcontext()
-                with context, self.accelerator.autocast():
-                    teacher_view = self._teacher_view(batch, stage)
-                    loss, terms = self.distiller(batch, teacher_view, stage)
-                    self.accelerator.backward(loss / t.gradient_accumulation_steps)
+                try:
+                    loss, terms = self._forward_backward(batch, stage, sync=micro == t.gradient_accumulation_steps - 1)
+                except torch.OutOfMemoryError as err:
+                    raise self._out_of_memory(batch) from err
                 for name, value in {"loss": loss, **terms}.items():
                     sums[name] = sums.get(name, 0.0) + value.detach().float() / t.gradient_accumulation_steps
             if t.max_grad_norm > 0:
@@ -259,6 +261,29 @@ class DistillationLoop:
                 window_start, window_examples = time.perf_counter(), self.progress.examples_seen
                 self.distiller.train()
         return eval_now
+
+    def _forward_backward(
+        self, batch: dict[str, torch.Tensor], stage: StagePlan, sync: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One micro-batch; gradients sync across processes only on the last of an accumulation."""
+        context = nullcontext() if sync else self.accelerator.no_sync(self.distiller)
+        with context, self.accelerator.autocast():
+            teacher_view = self._teacher_view(batch, stage)
+            loss, terms = self.distiller(batch, teacher_view, stage)
+            self.accelerator.backward(loss / self.training.gradient_accumulation_steps)
+        return loss, terms
+
+    def _out_of_memory(self, batch: dict[str, torch.Tensor]) -> TrialOutOfMemoryError:
+        student = self.accelerator.unwrap_model(self.distiller)
+        teacher_params = sum(p.numel() for p in self.teacher.parameters()) if self.teacher is not None else 0
+        rows, length = batch["input_ids"].shape
+        return TrialOutOfMemoryError(
+            f"out of memory on {self.accelerator.device} at step {self.progress.global_step}: batch of {rows} "
+            f"x {length} tokens (per_device_train_batch_size {self.training.per_device_train_batch_size}, "
+            f"max_seq_length {self.training.max_seq_length}), student {sum(p.numel() for p in student.parameters()):,} "
+            f"parameters, teacher {teacher_params:,}; lower per_device_train_batch_size and raise "
+            "gradient_accumulation_steps, or give the trial a whole GPU"
+        )
 
     def _save_due(self) -> bool:
         every = self.training.save_steps or self.training.eval_steps

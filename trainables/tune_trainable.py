@@ -16,6 +16,9 @@ from ray import tune
 
 from trainables.config import TrialTemplate
 from trainables.run import distill
+from trainables.training import NonFiniteLossError
+
+DIVERGED_MARKER = "diverged.txt"
 
 
 
@@ -38,4 +41,12 @@ def distillation_trial(config: dict[str, Any], template: TrialTemplate, cpus_per
             tune.report(numeric, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    distill(cfg, report, resume_from)
+    diverged = trial_dir / DIVERGED_MARKER
+    if diverged.exists():
+        # Tune retries failed trials; a diverged run would only diverge again from its checkpoint.
+        raise NonFiniteLossError(diverged.read_text())
+    try:
+        distill(cfg, report, resume_from)
+    except NonFiniteLossError as err:
+        diverged.write_text(str(err))
+        raise

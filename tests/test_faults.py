@@ -1,0 +1,165 @@
+"""Faults during sweeps, done for real: killed trial processes, a lost worker node, a tracking
+server that dies and comes back, and a diverging trial. Nothing finished may be lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from sweep_helpers import cli_env, distillsweep, metric_steps, sweep_runs, tiny_space, write_space
+from test_sweep_e2e import free_port, start_mlflow_server, trial_results
+
+pytestmark = pytest.mark.slow
+
+
+def start_sweep(space_file: Path, cache: Path, cwd: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "sweep", str(space_file), *args], cwd=cwd, env=cli_env(cache),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def wait_for(predicate, timeout: float = 600, what: str = "condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def finish(driver: subprocess.Popen, timeout: float = 900) -> str:
+    out, _ = driver.communicate(timeout=timeout)
+    assert driver.returncode == 0, out[-4000:]
+    return out
+
+
+def long_space(teacher: str, tmp: Path, **fields) -> dict:
+    spec = tiny_space(teacher, tmp, **fields)
+    spec["base"]["training"].update(max_steps=40, eval_steps=4)
+    return spec
+
+
+def test_killed_trial_process_resumes_from_its_checkpoint(tiny_demo_teacher, demo_cache, tmp_path):
+    spec = long_space(tiny_demo_teacher, tmp_path, space={"training.seed": {"grid": [1, 2]}}, max_failures=2)
+    driver = start_sweep(write_space(spec, tmp_path / "s.yaml"), demo_cache, tmp_path)
+    folder = tmp_path / "sweeps" / "tiny"
+
+    def running_trial():
+        for trial, rows in trial_results(folder).items():
+            if 2 <= len(rows) and rows[-1]["step"] < 30:
+                return trial, rows[-1]["pid"], rows[-1]["step"]
+        return None
+
+    trial, pid, step_at_kill = wait_for(running_trial, what="a trial with two evaluations")
+    os.kill(pid, signal.SIGKILL)
+    finish(driver)
+
+    steps = [row["step"] for row in trial_results(folder)[trial]]
+    assert steps[-1] == 40
+    assert steps.count(4) == 1, f"the trial restarted from zero: {steps}"
+    assert len(steps) > len(set(steps)) or steps == sorted(steps)
+    uri = spec["tracking"]["uri"]
+    _, children = sweep_runs(uri, "tests")
+    assert len(children) == 2
+    child = next(c for c in children if c.data.tags["ray_trial_id"] == trial)
+    assert metric_steps(uri, child.info.run_id) == list(range(4, 41, 4))
+    assert child.info.status == "FINISHED"
+
+
+def test_mlflow_server_killed_and_restarted_mid_sweep_keeps_full_history(tiny_demo_teacher, demo_cache, tmp_path):
+    port = free_port()
+    server = start_mlflow_server(tmp_path, port)
+    uri = f"http://127.0.0.1:{port}"
+    spec = long_space(tiny_demo_teacher, tmp_path, space={"training.seed": {"grid": [1, 2, 3]}},
+                      tracking={"uri": uri, "experiment": "tests"})
+    spec["base"]["training"].update(max_steps=24)
+    driver = start_sweep(write_space(spec, tmp_path / "s.yaml"), demo_cache, tmp_path)
+    folder = tmp_path / "sweeps" / "tiny"
+    try:
+        wait_for(lambda: any(len(rows) >= 1 for rows in trial_results(folder).values()), what="first results")
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        reported = sum(len(rows) for rows in trial_results(folder).values())
+        wait_for(lambda: sum(len(rows) for rows in trial_results(folder).values()) >= reported + 3,
+                 what="training to go on while MLflow is down")
+        server = start_mlflow_server(tmp_path, port)
+        out = finish(driver)
+        assert "did not answer" in out
+        _, children = sweep_runs(uri, "tests")
+        assert len(children) == 3
+        for child in children:
+            assert metric_steps(uri, child.info.run_id) == list(range(4, 25, 4))
+            assert child.info.status == "FINISHED"
+        assert not (folder / "mlflow_pending.jsonl").exists()
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_diverging_trial_fails_with_its_reason_and_the_others_finish(tiny_demo_teacher, demo_cache, tmp_path):
+    spec = tiny_space(
+        tiny_demo_teacher, tmp_path,
+        space={"training.learning_rate": {"grid": [1e-3, 1e12]}},
+        max_failures=1,
+    )
+    spec["base"]["objectives"] = [{"name": "hidden_mse", "weight": 1.0}]
+    spec["base"]["training"].update(max_grad_norm=0.0, warmup_ratio=0.0)
+    done = distillsweep(["sweep", str(write_space(spec, tmp_path / "s.yaml"))], demo_cache, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "1 of 2 trials finished, 1 failed" in done.stdout
+    assert "non-finite" in done.stdout
+    _, children = sweep_runs(spec["tracking"]["uri"], "tests")
+    states = {c.data.params["training.learning_rate"]: c for c in children}
+    assert states["0.001"].info.status == "FINISHED"
+    failed = states["1000000000000.0"]
+    assert failed.info.status == "FAILED" and "non-finite" in failed.data.tags["error"]
+    status = distillsweep(["status", str(tmp_path / "sweeps" / "tiny")], demo_cache, tmp_path)
+    assert "1 error" in status.stdout and "1 terminated" in status.stdout
+
+
+def ray_start(*args: str, env: dict) -> None:
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", *args], env=env, check=True,
+                   capture_output=True, timeout=120)
+
+
+def test_lost_worker_node_moves_its_trials_to_the_head(tiny_demo_teacher, demo_cache, tmp_path):
+    env = cli_env(demo_cache) | {"RAY_AUTH_MODE": "token"}
+    port, worker_port = free_port(), free_port()
+    ray_start("--head", "--port", str(port), "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
+              "--include-dashboard", "false", "--disable-usage-stats", env=env)
+    try:
+        ray_start("--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
+                  "--node-manager-port", str(worker_port), "--disable-usage-stats", env=env)
+        spec = long_space(tiny_demo_teacher, tmp_path, space={"training.seed": {"grid": [1, 2, 3]}}, max_failures=3)
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "sweep", str(write_space(spec, tmp_path / "s.yaml")),
+             "--address", f"127.0.0.1:{port}"],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        folder = tmp_path / "sweeps" / "tiny"
+        wait_for(lambda: sum(1 for rows in trial_results(folder).values() if rows[-1]["step"] >= 8) >= 2,
+                 what="two trials running, one of them on the worker node")
+        raylet = subprocess.run(["pgrep", "-f", f"node_manager_port={worker_port}"], capture_output=True, text=True)
+        pids = [int(p) for p in raylet.stdout.split()]
+        assert pids, "worker raylet not found"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        finish(driver)
+        results = trial_results(folder)
+        assert len(results) == 3 and all(rows[-1]["step"] == 40 for rows in results.values())
+        _, children = sweep_runs(spec["tracking"]["uri"], "tests")
+        assert sorted(c.data.tags["ray_trial_id"] for c in children) == sorted(results)
+        assert all(c.info.status == "FINISHED" for c in children)
+    finally:
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], env=env,
+                       capture_output=True, timeout=120)
