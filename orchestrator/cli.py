@@ -17,8 +17,10 @@ import typer
 import yaml
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from orchestrator.messages import UserError, describe_error
 
@@ -54,7 +56,8 @@ def user_errors(command: F) -> F:
         except (UserError, ValidationError, ValueError, FileNotFoundError, OSError) as err:
             if os.environ.get("DISTILLSWEEP_TRACEBACK"):
                 raise
-            console.print(f"[bold red]error:[/] {describe_error(err)}")
+            # escaped: a message quotes the user's keys and values, which Rich would read as markup
+            console.print(f"[bold red]error:[/] {escape(describe_error(err))}", emoji=False)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -215,7 +218,7 @@ def print_space(spec: Any, checked: int) -> None:
     table.add_column("values")
     for key, value in spec.space.items():
         shown = f"{value.kind} {getattr(value, value.kind)}" if isinstance(value, Distribution) else repr(value)
-        table.add_row(key, shown)
+        table.add_row(key, Text(shown))  # Text: values are shown as written, never read as markup
     out = Console()
     out.print(table)
     out.print(

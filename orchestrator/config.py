@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_serializer, model_validator
 
-from trainables.config import StrictModel, TrainingConfig, set_dotted
+from trainables.config import MIX_KEY, StrictModel, TrainingConfig, set_dotted
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint", "quniform")
 
@@ -78,6 +78,8 @@ class SearchConfig(StrictModel):
     def _objectives_agree(self) -> SearchConfig:
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
         modes = self.mode if isinstance(self.mode, list) else [self.mode]
+        if not metrics:
+            raise ValueError("search.metric is empty: name the metric to optimise, e.g. score")
         if len(metrics) != len(modes):
             raise ValueError(f"search.metric lists {len(metrics)} metrics but search.mode {len(modes)} modes")
         if len(metrics) > 1 and self.algorithm != "optuna":
@@ -157,6 +159,8 @@ class SweepSpec(StrictModel):
     def _parse_space(cls, space: dict[str, Any]) -> dict[str, Any]:
         parsed: dict[str, Any] = {}
         for key, value in space.items():
+            if not all(part.isidentifier() for part in key.split(".")):
+                raise ValueError(f"space key {key!r}: expected a dotted RunConfig path like training.learning_rate")
             if is_distribution(value):
                 try:
                     parsed[key] = Distribution.model_validate(value)
@@ -166,6 +170,8 @@ class SweepSpec(StrictModel):
                 raise ValueError(f"space.{key}: give exactly one of {', '.join(DISTRIBUTIONS)}, got {sorted(value)}")
             else:
                 parsed[key] = value
+        if MIX_KEY in parsed:
+            check_mixes(parsed[MIX_KEY])
         return parsed
 
     @property
@@ -182,6 +188,13 @@ class SweepSpec(StrictModel):
         if "://" in self.storage:
             return self.storage
         return str(Path(self.storage).expanduser().resolve())
+
+
+def check_mixes(value: Any) -> None:
+    """Every objective mix must be a list of names: a bare `kd` would be read as the mix [k, d]."""
+    for mix in value.representatives() if isinstance(value, Distribution) else [value]:
+        if not isinstance(mix, list) or not all(isinstance(name, str) for name in mix):
+            raise ValueError(f"space.{MIX_KEY}: each mix is a list of objective names like [kd, att_kl], got {mix!r}")
 
 
 def first_message(err: Exception) -> str:

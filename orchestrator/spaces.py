@@ -11,11 +11,11 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from orchestrator.config import Distribution, SweepSpec
 from orchestrator.messages import UserError, describe_error
-from trainables.config import MIX_KEY, RunConfig, TrialTemplate, check_against_teacher
+from trainables.config import MIX_KEY, ObjectiveSpec, RunConfig, TrialTemplate, check_against_teacher
 
 MAX_CHECKED_COMBINATIONS = 20_000
 
@@ -60,25 +60,61 @@ def representative_assignments(spec: SweepSpec) -> list[dict[str, Any]]:
 
 def check_space(spec: SweepSpec, teacher_shape: Callable[[RunConfig], tuple[int, int]]) -> list[RunConfig]:
     """Validate every representative trial config; raise one error naming the space entries."""
+    check_base_objectives(spec.base)
     for key in spec.space:
         name = objective_of(key)
         if name is not None and not any(name in mix for mix in mixes(spec)):
             raise UserError(f"space.{key}: objective {name!r} is in no objective mix of this sweep")
     configs = []
     template = TrialTemplate(spec.base, spec.per_task)
-    for assignment in representative_assignments(spec):
-        try:
-            cfg = template.resolve(assignment)
-            check_against_teacher(cfg, *teacher_shape(cfg))
-        except (ValidationError, ValueError) as err:
-            drawn = ", ".join(f"{k}={v!r}" for k, v in assignment.items()) or "the base config"
-            raise UserError(f"trial with {drawn} is invalid: {describe_error(err)}") from None
-        configs.append(cfg)
+    assignments = representative_assignments(spec)
+    for assignment in assignments:
+        drawn = ", ".join(f"{k}={v!r}" for k, v in assignment.items()) or "the base config"
+        configs.append(checked_config(template, assignment, teacher_shape, f"trial with {drawn}"))
+    for key, dist in spec.scheduler.hyperparam_mutations.items():
+        for value in dist.representatives():  # PBT sets these on running trials
+            where = f"scheduler.hyperparam_mutations.{key}={value!r}"
+            checked_config(template, {**assignments[0], key: value}, teacher_shape, where)
     tasks = {c.task if isinstance(c.task, str) else c.task.name for c in configs}
     for task in spec.per_task:
         if task not in tasks:
             raise UserError(f"per_task.{task}: no trial of this sweep has task {task!r} (tasks: {sorted(tasks)})")
     return configs
+
+
+def checked_config(
+    template: TrialTemplate,
+    assignment: dict[str, Any],
+    teacher_shape: Callable[[RunConfig], tuple[int, int]],
+    where: str,
+) -> RunConfig:
+    """One trial's config, checked against its teacher and task; errors say which draw made it."""
+    try:
+        cfg = template.resolve(assignment)
+        check_against_teacher(cfg, *teacher_shape(cfg))
+        check_task(cfg.task)
+    except (ValidationError, ValueError) as err:
+        raise UserError(f"{where} is invalid: {describe_error(err)}") from None
+    return cfg
+
+
+def check_task(task: Any) -> None:
+    """An unknown task name fails here rather than in every trial (local task files are read by the trial)."""
+    from trainables.tasks import resolve_task
+
+    if isinstance(task, str) and task.lower() != "demo":  # the demo task would be unpacked just to be named
+        resolve_task(task)
+
+
+def check_base_objectives(base: dict[str, Any]) -> None:
+    """Check the base objectives even where a searched mix replaces them: they lend it their defaults,
+    so a typo there would otherwise be ignored."""
+    try:
+        TypeAdapter(list[ObjectiveSpec]).validate_python(base.get("objectives", []))
+    except ValidationError as err:
+        item = err.errors()[0]
+        where = ".".join(["base.objectives", *(str(part) for part in item["loc"])])
+        raise UserError(f"{where}: {item['msg'].removeprefix('Value error, ')}") from None
 
 
 # --- Tune -----------------------------------------------------------------------------------

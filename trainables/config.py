@@ -20,9 +20,12 @@ MappingPreset = Literal["skip", "last", "combine"]
 
 
 class StrictModel(BaseModel):
-    """Unknown keys are errors: a typo in a config file must not be silently ignored."""
+    """Unknown keys are errors: a typo in a config file must not be silently ignored.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Infinities and NaN are refused too: YAML reads `.inf` as a number that would pass every lower bound.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class LocalTask(StrictModel):
@@ -81,7 +84,7 @@ class StudentConfig(StrictModel):
 class ObjectiveSpec(BaseModel):
     """One term of the loss: a registered objective, its weight and its own parameters."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
 
     name: str
     weight: float = Field(default=1.0, ge=0.0)

@@ -84,7 +84,8 @@ def distill(
 
 
 def make_accelerator(training: TrainingConfig) -> Accelerator:
-    return Accelerator(mixed_precision=choose_precision(training, torch.cuda.is_available()))
+    on_gpu = torch.cuda.is_available()
+    return Accelerator(mixed_precision=choose_precision(training, on_gpu), cpu=not on_gpu)
 
 
 def choose_precision(training: TrainingConfig, on_gpu: bool) -> str:
