@@ -147,6 +147,10 @@ class SweepSpec(StrictModel):
     max_concurrent_trials: int | None = Field(default=None, ge=1)
     storage: str = Field(default="runs/sweeps", description="local folder or URI (s3://, gs://, NFS path)")
     tracking: TrackingConfig = TrackingConfig()
+    state_dir: str | None = Field(
+        default=None,
+        description="folder for the sweep's own state when storage is a URI; put it on a volume that outlives the cluster",
+    )
     max_failures: int = Field(default=2, ge=-1, description="retries per trial; -1 retries forever")
     teacher_finetune: TeacherFinetune | None = None
     teachers: dict[str, str] = Field(default_factory=dict, description="task name -> teacher, per task")

@@ -60,6 +60,9 @@ class SweepState:
 
 
 def sweep_dir(spec: SweepSpec) -> Path:
+    """Where the sweep's own state lives: beside Tune's folder, or `state_dir` for URI storage."""
+    if spec.state_dir is not None:
+        return Path(spec.state_dir).expanduser().resolve() / spec.name
     root = spec.storage_root()
     if "://" in root:
         return Path.cwd() / ".distillsweep" / spec.name
@@ -199,6 +202,11 @@ def finetune_teacher_task(request: Any) -> tuple[str, bool]:
 # --- Ray ------------------------------------------------------------------------------------
 
 
+# Settings trials need wherever they run: offline hub use, caches, and MLflow / object-store
+# credentials (a teacher given as an MLflow model URI is downloaded inside the trial).
+FORWARDED_ENV = ("HF_", "DISTILLSWEEP_", "MLFLOW_", "AWS_", "GOOGLE_", "AZURE_")
+
+
 def init_ray(address: str | None, spec: SweepSpec) -> None:
     import ray
 
@@ -209,11 +217,11 @@ def init_ray(address: str | None, spec: SweepSpec) -> None:
         "OMP_WAIT_POLICY": "PASSIVE",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "DISTILLSWEEP_CACHE"):
-        if name in os.environ:
-            env[name] = os.environ[name]
+    env |= {name: value for name, value in os.environ.items() if name.startswith(FORWARDED_ENV)}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").exists():
+            os.environ["RAY_AUTH_MODE"] = "token"  # a cluster started here by `ray start` wants the token
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
         ray.init(include_dashboard=False, runtime_env={"env_vars": env})

@@ -83,7 +83,9 @@ def run_tags(cfg: RunConfig) -> dict[str, str]:
 
 
 def git_commit() -> str:
-    """The commit of the code that ran, or 'unknown' outside a git checkout."""
+    """The commit of the code that ran: $DISTILLSWEEP_GIT_COMMIT (images without .git), git, or 'unknown'."""
+    if os.environ.get("DISTILLSWEEP_GIT_COMMIT"):
+        return os.environ["DISTILLSWEEP_GIT_COMMIT"]
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(

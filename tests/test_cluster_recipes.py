@@ -252,6 +252,7 @@ json.dump(sys.argv[1:], open({str(argv_file)!r}, "w"))
         "sweep", head_env["DISTILLSWEEP_SPACE_FILE"], "--address", "auto",
         "--set", f"storage={head_env['DISTILLSWEEP_STORAGE']}",
         "--set", f"tracking.uri={head_env['MLFLOW_TRACKING_URI']}",
+        "--set", "state_dir=/shared/distillsweep/state",
     ]
 
 
