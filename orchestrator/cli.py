@@ -262,12 +262,45 @@ def status(sweep_dir: Annotated[Path, typer.Argument(help="the sweep folder")]) 
 
 @app.command()
 @user_errors
+def study(
+    study_file: Annotated[Path, typer.Argument(help="study YAML: a distill stage and a finetune stage")],
+    address: AddressOption = None,
+    set_: SetOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="validate both stages; start nothing")] = False,
+) -> None:
+    """Task-agnostic study: distil students on text, fine-tune each on GLUE tasks, report objective x task."""
+    from orchestrator.study import check_study, load_study_spec, run_study, study_report
+
+    spec = load_study_spec(study_file, parse_overrides(set_))
+    if dry_run:
+        distill_count, finetune_count = check_study(spec)
+        Console().print(
+            f"study {spec.name}: stage 1 distils {spec.stage('distill').trial_count} students "
+            f"({distill_count} configs checked); stage 2 fine-tunes each over "
+            f"{spec.stage('finetune').trial_count} configurations ({finetune_count} checked)"
+        )
+        return
+    state = run_study(spec, address)
+    _, markdown = study_report(Path(state.study_dir))
+    Console().print(markdown)
+    console.print(f"study folder: {state.study_dir}")
+
+
+@app.command()
+@user_errors
 def report(
     sweep_dir: Annotated[Path, typer.Argument(help="the sweep folder")],
     value: Annotated[str, typer.Option(help="best_score (best evaluation) or final_score")] = "best_score",
 ) -> None:
     """Print and save the study's table (Markdown and CSV) and log it to the sweep's MLflow run."""
     from orchestrator.status import build_report
+    from orchestrator.study import STUDY_FILE, study_report
+
+    if (sweep_dir / STUDY_FILE).exists():
+        md_path, markdown = study_report(sweep_dir)
+        Console().print(markdown)
+        console.print(f"saved {md_path}")
+        return
 
     if value not in ("best_score", "final_score"):
         raise UserError(f"--value {value!r}: expected best_score or final_score")

@@ -139,6 +139,10 @@ class TeacherFinetune(StrictModel):
 
 class SweepSpec(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    run: Literal["distill", "pretrain"] = Field(
+        default="distill", description="distill: task-specific (RunConfig base); pretrain: on text (PretrainConfig base)"
+    )
+    log_students: bool = Field(default=False, description="log each finished trial's student to its MLflow run")
     base: dict[str, Any] = Field(description="a run config; the space's values are set on top of it")
     space: dict[str, Any] = Field(default_factory=dict)
     search: SearchConfig = SearchConfig()

@@ -66,7 +66,7 @@ def check_space(spec: SweepSpec, teacher_shape: Callable[[RunConfig], tuple[int,
         if name is not None and not any(name in mix for mix in mixes(spec)):
             raise UserError(f"space.{key}: objective {name!r} is in no objective mix of this sweep")
     configs = []
-    template = TrialTemplate(spec.base, spec.per_task)
+    template = TrialTemplate(spec.base, spec.per_task, kind=spec.run)
     assignments = representative_assignments(spec)
     for assignment in assignments:
         drawn = ", ".join(f"{k}={v!r}" for k, v in assignment.items()) or "the base config"
@@ -91,8 +91,10 @@ def checked_config(
     """One trial's config, checked against its teacher and task; errors say which draw made it."""
     try:
         cfg = template.resolve(assignment)
-        check_against_teacher(cfg, *teacher_shape(cfg))
-        check_task(cfg.task)
+        if cfg.teacher is not None:  # fine-tuning runs have none
+            check_against_teacher(cfg, *teacher_shape(cfg))
+        if template.kind == "distill":
+            check_task(cfg.task)
     except (ValidationError, ValueError) as err:
         raise UserError(f"{where} is invalid: {describe_error(err)}") from None
     return cfg

@@ -56,7 +56,7 @@ class SweepState:
     @property
     def template(self) -> TrialTemplate:
         spec = self.sweep_spec
-        return TrialTemplate(self.base, spec.per_task, self.teachers, optuna_choices(spec))
+        return TrialTemplate(self.base, spec.per_task, self.teachers, optuna_choices(spec), kind=spec.run)
 
 
 def sweep_dir(spec: SweepSpec) -> Path:
@@ -207,7 +207,7 @@ def finetune_teacher_task(request: Any) -> tuple[str, bool]:
 FORWARDED_ENV = ("HF_", "DISTILLSWEEP_", "MLFLOW_", "AWS_", "GOOGLE_", "AZURE_")
 
 
-def init_ray(address: str | None, spec: SweepSpec) -> None:
+def init_ray(address: str | None, spec: SweepSpec, tracking_uri: str) -> None:
     import ray
 
     if ray.is_initialized():
@@ -216,6 +216,7 @@ def init_ray(address: str | None, spec: SweepSpec) -> None:
         "OMP_NUM_THREADS": str(max(1, int(spec.resources.cpu))),
         "OMP_WAIT_POLICY": "PASSIVE",
         "TOKENIZERS_PARALLELISM": "false",
+        "MLFLOW_TRACKING_URI": tracking_uri,  # trials read students given as runs:/ URIs from it
     }
     env |= {name: value for name, value in os.environ.items() if name.startswith(FORWARDED_ENV)}
     address = address or os.environ.get("RAY_ADDRESS")
@@ -306,9 +307,6 @@ def start_sweep(spec: SweepSpec, address: str | None = None) -> SweepState:
     folder = sweep_dir(spec)
     if (folder / STATE_FILE).exists():
         raise UserError(f"{folder} holds sweep {spec.name!r} already: `distillsweep resume {folder}` continues it")
-    spec = spec.model_copy(update={"base": resolve_demo_teacher(spec.base)})
-    init_ray(address, spec)
-    teachers = prepare_teachers(spec, configs)
     uri = tracking_uri_for(spec)
     client = MlflowClient(uri)
     try:
@@ -317,6 +315,9 @@ def start_sweep(spec: SweepSpec, address: str | None = None) -> SweepState:
         raise UserError(
             f"MLflow tracking store {uri} does not answer ({first_line(err)}): start the server or set tracking.uri"
         ) from None
+    spec = spec.model_copy(update={"base": resolve_demo_teacher(spec.base)})
+    init_ray(address, spec, uri)
+    teachers = prepare_teachers(spec, configs)
     parent = client.create_run(
         experiment_id,
         run_name=spec.name,
@@ -368,9 +369,10 @@ def run_tuner(state: SweepState, address: str | None, restore: bool, retry_error
     from ray import tune
 
     spec = state.sweep_spec
-    init_ray(address, spec)
+    init_ray(address, spec, state.tracking_uri)
     tracker = SweepTracker(state.tracking_uri, state.experiment_id, state.parent_run_id, spec.name,
-                           state.template, Path(state.sweep_dir) / PENDING_FILE)
+                           state.template, Path(state.sweep_dir) / PENDING_FILE,
+                           students_dir=Path(state.sweep_dir) / "students" if spec.log_students else None)
     experiment_path = str(Path(spec.storage_root()) / spec.name) if "://" not in spec.storage_root() else (
         spec.storage_root().rstrip("/") + "/" + spec.name
     )

@@ -31,6 +31,7 @@ class SweepTracker(Callback):
         sweep_name: str,
         template: TrialTemplate,
         pending_file: Path,
+        students_dir: Path | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
@@ -38,6 +39,7 @@ class SweepTracker(Callback):
         self.sweep_name = sweep_name
         self.template = template
         self.pending_file = pending_file
+        self.students_dir = students_dir
         self.last_step: dict[str, int] = {}
         self._journal: MlflowJournal | None = None
 
@@ -82,6 +84,11 @@ class SweepTracker(Callback):
         )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if self.students_dir is not None:
+            try:
+                self._log_student(trial)
+            except Exception as err:  # bookkeeping must never fail a finished trial
+                print(f"[distillsweep] could not copy the student of trial {trial.trial_id}: {err}")
         self._close(trial, "FINISHED", "TERMINATED", "")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -112,6 +119,23 @@ class SweepTracker(Callback):
         self.journal.submit({"op": "params", "key": key, "params": params})
         self.journal.submit({"op": "tags", "key": key, "tags": {"trial_state": "RUNNING"}})
         self.journal.submit({"op": "text", "key": key, "file": "run_config.json", "text": self._resolved_json(trial.config)})
+
+    def _log_student(self, trial: Any) -> None:
+        """Copy the student out of the trial's final checkpoint (wherever storage is) and log it,
+        so later sweeps can start from `runs:/<run id>/student`."""
+        import pyarrow.fs
+
+        checkpoint = trial.checkpoint
+        if checkpoint is None:
+            return
+        local = self.students_dir / trial.trial_id
+        local.mkdir(parents=True, exist_ok=True)
+        pyarrow.fs.copy_files(
+            f"{checkpoint.path}/student", str(local), source_filesystem=checkpoint.filesystem,
+            destination_filesystem=pyarrow.fs.LocalFileSystem(),
+        )
+        self.journal.submit({"op": "artifacts", "key": self.key(trial), "path": str(local), "artifact_path": "student"})
+        self.journal.submit({"op": "tags", "key": self.key(trial), "tags": {"student_logged": "true"}})
 
     def _close(self, trial: Any, status: str, state: str, error: str) -> None:
         key = self.key(trial)

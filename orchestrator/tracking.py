@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from trainables.config import RunConfig
+from trainables.config import PretrainConfig, RunConfig
 
 # The driver must not stall for minutes on a tracking server that is down: fail fast, retry later.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -67,19 +67,24 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): tree}
 
 
-def run_params(cfg: RunConfig) -> dict[str, str]:
+def run_params(cfg: RunConfig | PretrainConfig) -> dict[str, str]:
     """Every resolved config value as an MLflow param (values capped at MLflow's 6000 chars)."""
     return {k: str(v)[:6000] for k, v in flatten(cfg.model_dump(mode="json")).items()}
 
 
-def run_tags(cfg: RunConfig) -> dict[str, str]:
-    return {
+def run_tags(cfg: RunConfig | PretrainConfig) -> dict[str, str]:
+    """Tags for filtering in the MLflow UI; a fine-tuned student links to the run that distilled it."""
+    tags = {
         "objective_mix": cfg.objective_mix,
         "init": cfg.student.init_name,
         "mapping": cfg.mapping if isinstance(cfg.mapping, str) else "layers_" + "_".join(map(str, cfg.mapping)),
         "task": cfg.task if isinstance(cfg.task, str) else cfg.task.name,
         "git_commit": git_commit(),
     }
+    source = getattr(cfg.student.init, "pretrained", "")
+    if source.startswith("runs:/"):
+        tags["distilled_from_run_id"] = source.removeprefix("runs:/").split("/", 1)[0]
+    return tags
 
 
 def git_commit() -> str:

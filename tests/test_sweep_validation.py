@@ -124,5 +124,6 @@ def load_sweep_spec_from(tmp_path: Path, spec: dict):
 
 @pytest.mark.parametrize("preset", sorted(Path("search_spaces").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_preset_validates(preset):
-    result = runner.invoke(app, ["sweep", str(preset), "--dry-run"])
+    command = "study" if "finetune" in yaml.safe_load(preset.read_text()) else "sweep"
+    result = runner.invoke(app, [command, str(preset), "--dry-run"])
     assert result.exit_code == 0, result.output

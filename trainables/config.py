@@ -137,6 +137,9 @@ class TrainingConfig(StrictModel):
     max_eval_samples: int | None = Field(default=None, ge=1)
     group_by_length: bool = False
     dataloader_num_workers: int = Field(default=0, ge=0)
+    num_processes: int = Field(
+        default=1, ge=1, description="data-parallel processes in one run: one per GPU, or CPU processes (gloo)"
+    )
 
     @model_validator(mode="after")
     def _one_precision(self) -> TrainingConfig:
@@ -168,7 +171,11 @@ class RunConfig(StrictModel):
     """One distillation run. Paths are kept as given; the run resolves them against its cwd."""
 
     task: str | LocalTask = "demo"
-    teacher: str = Field(description="local directory, hub id, or MLflow model URI (models:/, runs:/)")
+    teacher: str | None = Field(
+        default=None,
+        description="local directory, hub id, or MLflow model URI (models:/, runs:/); "
+        "None fine-tunes a pretrained student with no teacher",
+    )
     student: StudentConfig = StudentConfig()
     objectives: list[ObjectiveSpec] = Field(default_factory=lambda: [ObjectiveSpec(name="kd", weight=0.5)])
     ce_weight: float = Field(default=0.5, ge=0.0, description="weight of cross-entropy on gold labels")
@@ -191,6 +198,14 @@ class RunConfig(StrictModel):
             raise ValueError(f"objectives: {duplicates} listed more than once; give each objective once")
         if not self.objectives and self.ce_weight == 0:
             raise ValueError("objectives is empty and ce_weight is 0: the run would have no loss")
+        if self.teacher is None:
+            if self.objectives:
+                raise ValueError(
+                    f"teacher is missing but objectives {names} need one: give a teacher, or `objectives: []` "
+                    "to fine-tune a pretrained student"
+                )
+            if not isinstance(self.student.init, PretrainedInit):
+                raise ValueError("teacher is missing: a run without a teacher fine-tunes student.init {pretrained: ...}")
         if isinstance(self.mapping, list) and len(self.mapping) > self.student.num_layers:
             raise ValueError(
                 f"mapping lists {len(self.mapping)} teacher layers {self.mapping} but the student has "
@@ -216,7 +231,82 @@ class RunConfig(StrictModel):
         return "+".join(sorted(o.name for o in self.objectives)) or "ce"
 
 
-def check_against_teacher(cfg: RunConfig, teacher_layers: int, teacher_heads: int) -> None:
+class CorpusConfig(StrictModel):
+    """Unlabelled text for pre-training distillation: a hub dataset or local files."""
+
+    dataset: str | None = Field(default=None, description="hub dataset, e.g. wikimedia/wikipedia")
+    dataset_config: str | None = Field(default=None, description="e.g. 20231101.en")
+    split: str = "train"
+    files: list[Path] = Field(default_factory=list, description="local .txt (one document per line), .jsonl, .parquet")
+    text_column: str = "text"
+    block_size: int = Field(default=128, ge=8)
+    validation_fraction: float = Field(default=0.01, gt=0.0, lt=0.5)
+    max_train_blocks: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CorpusConfig:
+        if bool(self.dataset) == bool(self.files):
+            raise ValueError("corpus: give either dataset (a hub name) or files (local text), not both or neither")
+        return self
+
+
+class PretrainConfig(StrictModel):
+    """Task-agnostic distillation: a student distilled on unlabelled text with label-free objectives.
+
+    The budget is counted in optimiser steps (`training.max_steps`), not wall-clock time, so
+    results do not depend on the hardware; students are kept at `save_fractions` of the budget.
+    """
+
+    corpus: CorpusConfig
+    teacher: str = Field(description="a BERT-family encoder (a masked-LM checkpoint such as bert-base-uncased)")
+    student: StudentConfig = StudentConfig(num_layers=6)
+    objectives: list[ObjectiveSpec] = Field(default_factory=lambda: [ObjectiveSpec(name="hidden_mse")])
+    mapping: MappingPreset | list[Annotated[int, Field(ge=0)]] = "skip"
+    mlm_weight: float = Field(default=0.0, ge=0.0, description="weight of the student's own MLM loss")
+    mlm_probability: float = Field(default=0.15, ge=0.0, lt=1.0, description="inputs masked as the study's shards")
+    save_fractions: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    training: TrainingConfig = TrainingConfig(max_steps=1000, learning_rate=5e-4, weight_decay=0.01)
+    fidelity: FidelityConfig = FidelityConfig()
+    output_dir: Path = Path("runs/pretrain")
+    cache_dir: Path | None = None
+
+    @model_validator(mode="after")
+    def _label_free(self) -> PretrainConfig:
+        for index, spec in enumerate(self.objectives):
+            objective = REGISTRY[spec.name]
+            if objective.needs_labels or objective.stage is Stage.PREDICTION:
+                free = sorted(n for n, o in REGISTRY.items() if not o.needs_labels and o.stage is Stage.INTERMEDIATE)
+                raise ValueError(
+                    f"objectives.{index}.name {spec.name!r} needs gold labels or a task head, which pre-training "
+                    f"text has not; label-free objectives: {', '.join(free)}"
+                )
+        if not self.objectives and self.mlm_weight == 0:
+            raise ValueError("objectives is empty and mlm_weight is 0: the run would have no loss")
+        if self.training.max_steps <= 0:
+            raise ValueError("training.max_steps: a pre-training budget is a number of optimiser steps; set it above 0")
+        if self.mlm_weight > 0 and self.mlm_probability == 0:
+            raise ValueError("mlm_weight > 0 needs mlm_probability > 0: no token would be masked to predict")
+        if isinstance(self.mapping, list) and len(self.mapping) > self.student.num_layers:
+            raise ValueError(
+                f"mapping lists {len(self.mapping)} teacher layers {self.mapping} but the student has "
+                f"{self.student.num_layers} layers"
+            )
+        return self
+
+    @property
+    def objective_mix(self) -> str:
+        return "+".join(sorted(o.name for o in self.objectives)) or "mlm"
+
+    @property
+    def task(self) -> str:
+        """Pre-training has no task; tables and tags show the corpus."""
+        return self.corpus.dataset or "corpus"
+
+    def save_steps(self) -> set[int]:
+        return {max(1, round(f * self.training.max_steps)) for f in self.save_fractions}
+
+
+def check_against_teacher(cfg: RunConfig | PretrainConfig, teacher_layers: int, teacher_heads: int) -> None:
     """Reject settings that the teacher's architecture makes impossible, naming the field."""
     last = teacher_layers - 1
     init = cfg.student.init
@@ -266,8 +356,11 @@ MIX_KEY = "objectives.mix"
 
 
 def resolve_run_config(
-    base: dict[str, Any], assignments: dict[str, Any], per_task: dict[str, dict[str, Any]] | None = None
-) -> RunConfig:
+    base: dict[str, Any],
+    assignments: dict[str, Any],
+    per_task: dict[str, dict[str, Any]] | None = None,
+    config_class: type[RunConfig] | type[PretrainConfig] | None = None,
+) -> RunConfig | PretrainConfig:
     """Build a trial's RunConfig from the sweep's base config and the values its trial drew.
 
     `assignments` maps dotted RunConfig paths to values. Two keys are special, so that objective
@@ -299,7 +392,7 @@ def resolve_run_config(
     task = raw.get("task")
     for key, value in (per_task or {}).get(task if isinstance(task, str) else "", {}).items():
         set_dotted(raw, key, value)
-    return RunConfig.model_validate(raw)
+    return (config_class or RunConfig).model_validate(raw)
 
 
 @dataclass(frozen=True)
@@ -314,6 +407,7 @@ class TrialTemplate:
     per_task: dict[str, dict[str, Any]] = field(default_factory=dict)
     teachers: dict[str, str] = field(default_factory=dict)
     choices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    kind: Literal["distill", "pretrain"] = "distill"
 
     def decode(self, trial_config: dict[str, Any]) -> dict[str, Any]:
         """Drop parameters that were not sampled (None) and map Optuna labels back to values."""
@@ -325,8 +419,9 @@ class TrialTemplate:
                 decoded[key] = value
         return decoded
 
-    def resolve(self, trial_config: dict[str, Any]) -> RunConfig:
-        cfg = resolve_run_config(self.base, self.decode(trial_config), self.per_task)
+    def resolve(self, trial_config: dict[str, Any]) -> RunConfig | PretrainConfig:
+        config_class = PretrainConfig if self.kind == "pretrain" else RunConfig
+        cfg = resolve_run_config(self.base, self.decode(trial_config), self.per_task, config_class)
         task = cfg.task if isinstance(cfg.task, str) else cfg.task.name
         if task in self.teachers:
             cfg = cfg.model_copy(update={"teacher": self.teachers[task]})

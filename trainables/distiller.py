@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from trainables.models import forward_view
-from trainables.objectives import Objective, Stage
+from trainables.objectives import REGISTRY, ModuleContext, Objective, Stage
 from trainables.views import DistillBatch, LayerPairs, ModelView
 
 
@@ -48,6 +48,22 @@ class StagePlan:
     @property
     def needs_qkv(self) -> bool:
         return any(t.objective.needs_qkv for t in self.terms)
+
+
+def make_terms(specs: list[Any]) -> list[Term]:
+    """Registry objectives with their validated parameters, from config `ObjectiveSpec`s."""
+    return [Term(REGISTRY[o.name], o.weight, REGISTRY[o.name].parse_params(o.params)) for o in specs]
+
+
+def build_modules(terms: list[Term], context: ModuleContext) -> dict[str, nn.Module]:
+    """The trainable modules the terms own (projections, CRD heads and memory banks)."""
+    modules = {}
+    for term in terms:
+        if term.objective.build_module is not None:
+            module = term.objective.build_module(context, term.params)
+            if module is not None:
+                modules[term.name] = module
+    return modules
 
 
 def plan_stages(terms: list[Term], ce_weight: float, two_stage: bool) -> list[StagePlan]:
@@ -113,7 +129,10 @@ class Distiller(nn.Module):
 
 
 def task_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Cross-entropy for classification, MSE for a single-output regression head."""
+    """Cross-entropy for classification, MSE for a single-output regression head, and masked-LM
+    cross-entropy over the masked tokens (labels -100 elsewhere) for [B, T, V] logits."""
+    if logits.dim() == 3:
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
     if logits.shape[-1] == 1:
         return F.mse_loss(logits.squeeze(-1).float(), labels.float())
     return F.cross_entropy(logits.float(), labels)

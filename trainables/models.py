@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, PreTrainedModel
 
 from trainables.config import PretrainedInit, StudentConfig
 from trainables.mapping import init_layers
@@ -65,23 +65,37 @@ def encoder_layers(model: PreTrainedModel) -> nn.ModuleList:
         ) from None
 
 
-def build_student(teacher: PreTrainedModel, spec: StudentConfig, num_labels: int) -> PreTrainedModel:
-    """Build the student from the teacher's config and initialise it as `spec.init` says."""
+def build_student(
+    teacher: PreTrainedModel | None, spec: StudentConfig, num_labels: int, auto_class: type = AutoModelForSequenceClassification
+) -> PreTrainedModel:
+    """Build the student from the teacher's config and initialise it as `spec.init` says.
+
+    `auto_class` is AutoModelForMaskedLM for pre-training distillation; its LM head is copied
+    from the teacher when the widths agree, as the head predicts from the same space.
+    """
     if isinstance(spec.init, PretrainedInit):
-        return AutoModelForSequenceClassification.from_pretrained(
-            resolve_model_source(spec.init.pretrained), num_labels=num_labels
-        )
+        return auto_class.from_pretrained(resolve_model_source(spec.init.pretrained), num_labels=num_labels)
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = spec.num_layers
     config.num_labels = num_labels
     for field in ("hidden_size", "num_attention_heads", "intermediate_size"):
         if getattr(spec, field) is not None:
             setattr(config, field, getattr(spec, field))
-    student = AutoModelForSequenceClassification.from_config(config)
+    student = auto_class.from_config(config)
     if spec.init != "random":
         teacher_layers = len(encoder_layers(teacher))
         copy_teacher_layers(teacher, student, init_layers(spec.init, teacher_layers, spec.num_layers))
+        if auto_class is AutoModelForMaskedLM:
+            head = getattr(teacher, "cls", None) or getattr(teacher, "lm_head", None)
+            student_head = getattr(student, "cls", None) or getattr(student, "lm_head", None)
+            if head is not None and student_head is not None:
+                student_head.load_state_dict(head.state_dict())
     return student
+
+
+def load_masked_lm_teacher(ref: str) -> PreTrainedModel:
+    """A teacher for pre-training distillation: its encoder matters, its LM head is optional."""
+    return AutoModelForMaskedLM.from_pretrained(resolve_model_source(ref))
 
 
 @torch.no_grad()

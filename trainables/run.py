@@ -17,11 +17,12 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from trainables.config import RunConfig, TrainingConfig, check_against_teacher
 from trainables.data import make_collator, tokenized_splits
-from trainables.distiller import Distiller, Term, plan_stages
+from trainables.distiller import Distiller, build_modules, make_terms, plan_stages
 from trainables.mapping import layer_pairs
 from trainables.metrics import compute_task_metrics
 from trainables.models import build_student, encoder_layers, load_teacher, resolve_model_source
-from trainables.objectives import REGISTRY, ModuleContext
+from trainables.objectives import ModuleContext
+from trainables.views import LayerPairs
 from trainables.tasks import TaskSpec, resolve_task
 from trainables.training import DistillationLoop, Reporter, StepCallback, TaskData
 
@@ -40,40 +41,42 @@ def distill(
     accelerator = make_accelerator(cfg.training)
 
     spec = resolve_task(cfg.task)
-    teacher_source = resolve_model_source(cfg.teacher)
-    tokenizer = AutoTokenizer.from_pretrained(teacher_source)
-    teacher = load_teacher(teacher_source, spec.num_labels)
-    teacher_layers = len(encoder_layers(teacher))
-    check_against_teacher(cfg, teacher_layers, teacher.config.num_attention_heads)
+    if cfg.teacher is None:
+        # Fine-tuning a distilled student: no teacher, cross-entropy only.
+        source = resolve_model_source(cfg.student.init.pretrained)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        teacher, modules, pairs = None, {}, LayerPairs(hidden=(), attention=())
+        set_seed(cfg.training.seed)
+        student = build_student(None, cfg.student, spec.num_labels)
+        data = load_task_data(spec, tokenizer, cfg.training, cfg.cache_dir)
+    else:
+        teacher_source = resolve_model_source(cfg.teacher)
+        tokenizer = AutoTokenizer.from_pretrained(teacher_source)
+        teacher = load_teacher(teacher_source, spec.num_labels)
+        teacher_layers = len(encoder_layers(teacher))
+        check_against_teacher(cfg, teacher_layers, teacher.config.num_attention_heads)
 
-    set_seed(cfg.training.seed)
-    student = build_student(teacher, cfg.student, spec.num_labels)
-    data = load_task_data(spec, tokenizer, cfg.training, cfg.cache_dir)
-
-    terms = [Term(REGISTRY[o.name], o.weight, REGISTRY[o.name].parse_params(o.params)) for o in cfg.objectives]
-    pairs = layer_pairs(cfg.mapping, teacher_layers, cfg.student.num_layers)
-    context = ModuleContext(
-        student_hidden_size=student.config.hidden_size,
-        teacher_hidden_size=teacher.config.hidden_size,
-        student_layers=cfg.student.num_layers,
-        teacher_layers=teacher_layers,
-        num_train_examples=len(data.train),
-        train_labels=torch.tensor(data.train["labels"]) if spec.num_labels > 1 else None,
-        combine=pairs.combine,
-    )
-    modules = {
-        t.name: module
-        for t in terms
-        if t.objective.build_module is not None
-        and (module := t.objective.build_module(context, t.params)) is not None
-    }
-    distiller = Distiller(
-        student, modules, pairs, cfg.fidelity.count_padding, cfg.fidelity.ild_scale_by_batch
-    )
+        set_seed(cfg.training.seed)
+        student = build_student(teacher, cfg.student, spec.num_labels)
+        data = load_task_data(spec, tokenizer, cfg.training, cfg.cache_dir)
+        pairs = layer_pairs(cfg.mapping, teacher_layers, cfg.student.num_layers)
+        context = ModuleContext(
+            student_hidden_size=student.config.hidden_size,
+            teacher_hidden_size=teacher.config.hidden_size,
+            student_layers=cfg.student.num_layers,
+            teacher_layers=teacher_layers,
+            num_train_examples=len(data.train),
+            train_labels=torch.tensor(data.train["labels"]) if spec.num_labels > 1 else None,
+            combine=pairs.combine,
+        )
+        modules = build_modules(make_terms(cfg.objectives), context)
+    terms = make_terms(cfg.objectives)
+    distiller = Distiller(student, modules, pairs, cfg.fidelity.count_padding, cfg.fidelity.ild_scale_by_batch)
     stages = plan_stages(terms, cfg.ce_weight, two_stage=cfg.two_stage)
     loop = DistillationLoop(
         distiller, teacher, stages, data, cfg.training, output_dir, accelerator, reporter,
         teacher_dropout=cfg.fidelity.teacher_dropout, on_step=on_step,
+        export_student=lambda path: save_model(student, tokenizer, path),
     )
     metrics = loop.run(resume_from)
 

@@ -132,7 +132,11 @@ class DistillationLoop:
         teacher_dropout: bool = False,
         keep_checkpoints: int = 2,
         on_step: StepCallback | None = None,
+        teacher_cache: Any = None,  # trainables.teacher_cache.TeacherLogitsCache (issue #5)
+        export_student: Callable[[Path], None] | None = None,
+        snapshot_steps: frozenset[int] = frozenset(),
     ) -> None:
+        self.teacher_cache = teacher_cache
         self.training = training
         self.stages = stages
         self.data = data
@@ -141,6 +145,8 @@ class DistillationLoop:
         self.reporter = reporter
         self.keep_checkpoints = keep_checkpoints
         self.on_step = on_step
+        self.export_student = export_student
+        self.snapshot_steps = snapshot_steps
         self.progress = Progress()
         self.distiller = accelerator.prepare_model(distiller)
         self.teacher = teacher
@@ -202,7 +208,7 @@ class DistillationLoop:
             self.progress.batches_in_epoch = 0
             if self.progress.stage_index < len(self.stages):
                 self._build_optimizer()
-        return metrics or self.evaluate()
+        return metrics or self.evaluate(self.stages[-1])
 
     def _micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Batches from the current position onwards, for this process, forever (epoch by epoch)."""
@@ -245,6 +251,9 @@ class DistillationLoop:
             window_steps += 1
             if self.on_step is not None:
                 self.on_step(self.progress.global_step, self.steps_per_stage * len(self.stages))
+            if self.progress.global_step in self.snapshot_steps and self.export_student is not None:
+                if self.accelerator.is_main_process:
+                    self.export_student(self.output_dir / "students" / f"step-{self.progress.global_step:07d}")
             at_end = self.progress.stage_step == total_steps
             if self.progress.global_step % t.eval_steps == 0 or at_end:
                 train_metrics = {f"train_{k}": (v / window_steps).item() for k, v in sums.items()}
@@ -252,7 +261,7 @@ class DistillationLoop:
                 elapsed = time.perf_counter() - window_start
                 eval_now = {
                     **train_metrics,
-                    **self.evaluate(),
+                    **self.evaluate(stage),
                     "examples_per_second": (self.progress.examples_seen - window_examples) / max(elapsed, 1e-9),
                     "learning_rate": self.scheduler.get_last_lr()[0],
                 }
@@ -293,6 +302,10 @@ class DistillationLoop:
     def _teacher_view(self, batch: dict[str, torch.Tensor], stage: StagePlan):
         if not stage.needs_teacher or self.teacher is None:
             return None
+        # --- teacher-logits cache (issue #5): logits-only stages read one shared, precomputed pass
+        if self.teacher_cache is not None and self.teacher_cache.serves(stage, self):
+            return self.teacher_cache.view(batch, self)
+        # --- end teacher-logits cache
         return forward_view(self.teacher, batch, need_qkv=stage.needs_qkv)
 
     def _check_finite(self, train_metrics: dict[str, float]) -> None:
@@ -307,8 +320,14 @@ class DistillationLoop:
     # --- evaluation --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Task metrics on the validation split, sharded over processes and gathered."""
+    def evaluate(self, stage: StagePlan | None = None) -> dict[str, float]:
+        """Task metrics on the validation split, sharded over processes and gathered.
+
+        Without a task metric (pre-training on text) the score is minus the stage's loss on the
+        held-out blocks, and each term is reported too.
+        """
+        if self.data.score is None:
+            return self._evaluate_loss(stage or self.stages[min(self.progress.stage_index, len(self.stages) - 1)])
         student = self.accelerator.unwrap_model(self.distiller).student
         student.eval()
         validation = self.data.validation
@@ -331,6 +350,31 @@ class DistillationLoop:
         metrics["score"] = metrics[f"eval_{self.data.main_metric}"]
         return metrics
 
+    def _evaluate_loss(self, stage: StagePlan) -> dict[str, float]:
+        distiller = self.accelerator.unwrap_model(self.distiller)
+        distiller.eval()
+        validation = self.data.validation
+        indices = list(range(self.accelerator.process_index, len(validation), self.accelerator.num_processes))
+        loader = DataLoader(
+            validation.select(indices), batch_size=self.training.per_device_eval_batch_size,
+            collate_fn=self.data.collate,
+        )
+        sums: dict[str, float] = {}
+        count = 0
+        for batch in loader:
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            with self.accelerator.autocast():
+                loss, terms = distiller(batch, self._teacher_view(batch, stage), stage)
+            rows = len(batch["input_ids"])
+            for name, value in {"loss": loss, **terms}.items():
+                sums[name] = sums.get(name, 0.0) + value.item() * rows
+            count += rows
+        gathered = gather_object([(sums, count)])
+        total = sum(g[1] for g in gathered)
+        metrics = {f"eval_{k}": sum(g[0].get(k, 0.0) for g in gathered) / total for k in sums}
+        metrics["score"] = -metrics["eval_loss"]
+        return metrics
+
     # --- reporting and checkpoints -----------------------------------------------------------
 
     def _report(self, stage: StagePlan, metrics: dict[str, float], save: bool) -> None:
@@ -345,6 +389,9 @@ class DistillationLoop:
             peak_memory_mb=peak_memory_mb(self.accelerator.device),
         )
         checkpoint = self.save_checkpoint() if save else None
+        last = p.stage_index == len(self.stages) - 1 and p.stage_step == self.steps_per_stage
+        if checkpoint is not None and last and self.export_student is not None and self.accelerator.is_main_process:
+            self.export_student(checkpoint / "student")  # the final checkpoint carries a loadable student
         if self.reporter is not None and self.accelerator.is_main_process:
             self.reporter(dict(metrics, stage_name=stage.name), checkpoint)
 

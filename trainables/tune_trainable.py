@@ -15,15 +15,16 @@ import torch
 from ray import tune
 
 from trainables.config import TrialTemplate
+from trainables.launch import run_data_parallel
+from trainables.pretrain import pretrain
 from trainables.run import distill
 from trainables.training import NonFiniteLossError
 
 DIVERGED_MARKER = "diverged.txt"
 
 
-
 def distillation_trial(config: dict[str, Any], template: TrialTemplate, cpus_per_trial: int = 1) -> None:
-    """One Tune trial: one distillation run."""
+    """One Tune trial: one distillation run (task-specific or pre-training), data-parallel if asked."""
     torch.set_num_threads(max(1, cpus_per_trial))
     trial_dir = Path(tune.get_context().get_trial_dir()).resolve()
     cfg = template.resolve(config).model_copy(update={"output_dir": trial_dir / "run"})
@@ -45,8 +46,12 @@ def distillation_trial(config: dict[str, Any], template: TrialTemplate, cpus_per
     if diverged.exists():
         # Tune retries failed trials; a diverged run would only diverge again from its checkpoint.
         raise NonFiniteLossError(diverged.read_text())
+    run = pretrain if template.kind == "pretrain" else distill
     try:
-        distill(cfg, report, resume_from)
+        if cfg.training.num_processes > 1:
+            run_data_parallel(run, cfg, cfg.training.num_processes, report, resume_from)
+        else:
+            run(cfg, report, resume_from)
     except NonFiniteLossError as err:
         diverged.write_text(str(err))
         raise

@@ -1,0 +1,166 @@
+"""Task-agnostic studies: distil students on text, then fine-tune each on GLUE tasks, as one file.
+
+Stage 1 is a pre-training sweep whose trials log their students to MLflow. Stage 2 is a
+fine-tuning sweep whose `student.init` is the grid of those students (`runs:/<run id>/student`),
+so every fine-tuning run links to the run that distilled its student. The report gives, per
+objective and task, the best dev score over the fine-tuning grid, as the study did.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from pydantic import Field
+
+from orchestrator.config import Resources, SchedulerConfig, SearchConfig, SweepSpec, TrackingConfig
+from orchestrator.messages import UserError
+from orchestrator.report import markdown_table, read_trials
+from orchestrator.status import experiment_dir
+from orchestrator.sweep import STATE_FILE, SweepState, resume_sweep, start_sweep, sweep_dir, validate
+from trainables.config import StrictModel, set_dotted
+
+STUDY_FILE = "study.json"
+PLACEHOLDER_STUDENT = "runs:/stage-1-student/student"
+
+
+class StageSpec(StrictModel):
+    """One stage's sweep; name, storage and tracking come from the study."""
+
+    base: dict[str, Any]
+    space: dict[str, Any] = Field(default_factory=dict)
+    per_task: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    search: SearchConfig = SearchConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    resources: Resources = Resources()
+    max_concurrent_trials: int | None = Field(default=None, ge=1)
+    max_failures: int = Field(default=2, ge=-1)
+
+
+class StudySpec(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    distill: StageSpec
+    finetune: StageSpec
+    storage: str = "runs/sweeps"
+    tracking: TrackingConfig = TrackingConfig()
+    state_dir: str | None = None
+
+    def stage(self, which: str, students: list[str] | None = None) -> SweepSpec:
+        """The SweepSpec of stage `distill` or `finetune` (students fill the fine-tuning grid)."""
+        stage = self.distill if which == "distill" else self.finetune
+        fields = stage.model_dump(mode="json")
+        fields.update(name=f"{self.name}-{which}", storage=self.storage, tracking=self.tracking.model_dump(),
+                      state_dir=self.state_dir)
+        if which == "distill":
+            fields.update(run="pretrain", log_students=True)
+        else:
+            fields["base"] = {**fields["base"], "objectives": [], "teacher": None}
+            init = [{"pretrained": uri} for uri in students or [PLACEHOLDER_STUDENT]]
+            fields["space"] = {**fields["space"], "student.init": {"grid": init}}
+        return SweepSpec.model_validate(fields)
+
+
+@dataclass
+class StudyState:
+    study_dir: str
+    spec: dict[str, Any]
+    students: dict[str, str]  # runs:/ URI -> objective mix of the run that distilled it
+
+    def save(self) -> None:
+        path = Path(self.study_dir) / STUDY_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, study_dir: Path) -> StudyState:
+        path = Path(study_dir).expanduser().resolve() / STUDY_FILE
+        if not path.exists():
+            raise UserError(f"{study_dir}: not a study folder (no {STUDY_FILE})")
+        return cls(**json.loads(path.read_text()))
+
+
+def load_study_spec(path: Path, overrides: dict[str, Any] | None = None) -> StudySpec:
+    raw = yaml.safe_load(Path(path).read_text())
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping with name, distill, finetune, ...")
+    raw.setdefault("name", Path(path).stem)
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
+    return StudySpec.model_validate(raw)
+
+
+def check_study(spec: StudySpec) -> tuple[int, int]:
+    """Validate both stages before anything starts; returns the configs checked per stage."""
+    return len(validate(spec.stage("distill"))), len(validate(spec.stage("finetune")))
+
+
+def run_stage(spec: SweepSpec, address: str | None) -> SweepState:
+    """Start a stage, or resume it if an earlier run of the study got that far."""
+    folder = sweep_dir(spec)
+    if (folder / STATE_FILE).exists():
+        return resume_sweep(folder, address)
+    return start_sweep(spec, address)
+
+
+def distilled_students(state: SweepState) -> dict[str, str]:
+    """runs:/ URIs of the students stage 1 logged, with the objective mix that made each."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(state.tracking_uri)
+    runs = client.search_runs(
+        [state.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{state.parent_run_id}' and tags.student_logged = 'true'",
+        max_results=10_000,
+    )
+    return {f"runs:/{r.info.run_id}/student": r.data.tags["objective_mix"] for r in runs}
+
+
+def run_study(spec: StudySpec, address: str | None = None) -> StudyState:
+    check_study(spec)
+    distill_state = run_stage(spec.stage("distill"), address)
+    students = distilled_students(distill_state)
+    if not students:
+        raise UserError(f"stage 1 of study {spec.name} produced no student; see distillsweep status {distill_state.sweep_dir}")
+    finetune_spec = spec.stage("finetune", sorted(students))
+    study = StudyState(study_dir=str(sweep_dir(finetune_spec).parent / spec.name), spec=spec.model_dump(mode="json"),
+                       students=students)
+    study.save()
+    run_stage(finetune_spec, address)
+    return study
+
+
+def study_report(study_dir: Path) -> tuple[Path, str]:
+    """Objective x task: the best dev score over the fine-tuning grid; saved and logged to MLflow."""
+    study = StudyState.load(study_dir)
+    spec = StudySpec.model_validate(study.spec)
+    state = SweepState.load(sweep_dir(spec.stage("finetune", sorted(study.students))))
+    rows = []
+    for record in read_trials(experiment_dir(state), state.template):
+        source = record.config.get("student.init", {}).get("pretrained")
+        rows.append({"objective_mix": study.students.get(source, source), "task": record.task,
+                     "best_score": record.best_score, "trial": record.trial_id})
+    if not rows:
+        raise UserError("no fine-tuning trial has reported yet")
+    frame = pd.DataFrame(rows)
+    table = frame.pivot_table(index="objective_mix", columns="task", values="best_score", aggfunc="max")
+    out = Path(study.study_dir)
+    table.to_csv(out / "study_report.csv")
+    shown = table.map(lambda v: f"{100 * v:.1f}")
+    markdown = "\n".join([
+        f"# Study {spec.name}: best dev score per objective and task (x100, max over the fine-tuning grid)", "",
+        markdown_table(shown, corner="objective \\ task"), "",
+    ])
+    (out / "study_report.md").write_text(markdown)
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(state.tracking_uri)
+        client.log_artifact(state.parent_run_id, str(out / "study_report.md"), "report")
+        client.log_artifact(state.parent_run_id, str(out / "study_report.csv"), "report")
+    except Exception as err:  # the files on disk are the result
+        print(f"[distillsweep] could not log the study report to MLflow ({err})")
+    return out / "study_report.md", markdown
