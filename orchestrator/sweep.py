@@ -117,6 +117,12 @@ def teacher_shape(source: str) -> tuple[int, int]:
     return config.num_hidden_layers, config.num_attention_heads
 
 
+def last_line(err: BaseException) -> str:
+    """The exception's own message: Ray wraps trial errors in their remote traceback."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
 def first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
@@ -407,7 +413,7 @@ def run_tuner(state: SweepState, address: str | None, restore: bool, retry_error
     tracker.finish()
     print(f"[distillsweep] {len(results) - len(failed)} of {len(results)} trials finished, {len(failed)} failed")
     for result in failed:
-        print(f"  failed: {Path(result.path).name}: {first_line(result.error).strip()[:300]}")
+        print(f"  failed: {Path(result.path).name}: {last_line(result.error)[:300]}")
     if results and len(failed) == len(results):
-        raise UserError("every trial failed; the first error: " + str(failed[0].error).strip().splitlines()[-1])
+        raise UserError(f"every trial failed; the first error: {last_line(failed[0].error)}")
     return results
