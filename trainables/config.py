@@ -137,6 +137,11 @@ class TrainingConfig(StrictModel):
     max_eval_samples: int | None = Field(default=None, ge=1)
     group_by_length: bool = False
     dataloader_num_workers: int = Field(default=0, ge=0)
+    teacher_logits_cache: bool = Field(
+        default=True,
+        description="when a stage needs only the teacher's logits, compute them once per teacher and data "
+        "and share them across the sweep's trials",
+    )
     num_processes: int = Field(
         default=1, ge=1, description="data-parallel processes in one run: one per GPU, or CPU processes (gloo)"
     )

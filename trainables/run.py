@@ -24,6 +24,7 @@ from trainables.models import build_student, encoder_layers, load_teacher, resol
 from trainables.objectives import ModuleContext
 from trainables.views import LayerPairs
 from trainables.tasks import TaskSpec, resolve_task
+from trainables.teacher_cache import TeacherLogitsCache
 from trainables.training import DistillationLoop, Reporter, StepCallback, TaskData
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ def distill(
     loop = DistillationLoop(
         distiller, teacher, stages, data, cfg.training, output_dir, accelerator, reporter,
         teacher_dropout=cfg.fidelity.teacher_dropout, on_step=on_step,
+        teacher_cache=TeacherLogitsCache(cfg.cache_dir) if cfg.training.teacher_logits_cache else None,
         export_student=lambda path: save_model(student, tokenizer, path),
     )
     metrics = loop.run(resume_from)

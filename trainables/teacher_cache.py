@@ -15,7 +15,7 @@ files, a hash of its classification head), a hash of the tokenised training spli
 temporary name and renamed into place, so concurrent trials neither corrupt it nor compute it
 twice; a file that cannot be read is rebuilt.
 
-Wiring (trainables/run.py): `DistillationLoop(..., teacher_cache=TeacherLogitsCache(cfg.cache_dir))`.
+`trainables.run.distill` gives every task-specific run one; pre-training runs need hidden states.
 """
 
 from __future__ import annotations
@@ -154,9 +154,13 @@ class TeacherLogitsCache:
     def view(self, batch: dict[str, Tensor], loop: DistillationLoop) -> ModelView:
         """The teacher's view of `batch` from the cache: logits only."""
         if self._logits is None:
-            if teacher_identity(loop.accelerator.unwrap_model(loop.teacher)) is None:
-                # A teacher built in memory has no name to key the file by: run it live.
-                log.warning("teacher has no name_or_path: its logits are not cached")
+            reason = None
+            if "example_id" not in batch:
+                reason = "batches carry no example_id"
+            elif teacher_identity(loop.accelerator.unwrap_model(loop.teacher)) is None:
+                reason = "the teacher has no name_or_path to key the file by"
+            if reason is not None:  # run the teacher live, as without a cache
+                log.warning("teacher logits not cached: %s", reason)
                 self._disabled = True
                 from trainables.models import forward_view
 

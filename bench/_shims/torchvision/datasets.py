@@ -1,0 +1,1 @@
+"""No datasets: torchdistill lists the classes of this module in its registry."""

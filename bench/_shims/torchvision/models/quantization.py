@@ -1,0 +1,1 @@
+"""Empty: torchdistill copies this module's namespace into its registry."""
