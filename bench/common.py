@@ -254,6 +254,23 @@ def run_config(teacher: Path, out: Path, *, size: str, objectives: list[dict] | 
     return RunConfig.model_validate(raw)
 
 
+def shutdown_ray() -> None:
+    """Stop the local Ray runtime this process started and delete its session folder (trial
+    folders with their checkpoints are copied there: gigabytes per sweep)."""
+    import shutil
+
+    import ray
+
+    session = None
+    try:
+        session = ray._private.worker._global_node.get_session_dir_path()
+    except Exception:
+        pass
+    ray.shutdown()
+    if session and Path(session).is_dir() and Path(session).parent.name == "ray":
+        shutil.rmtree(session, ignore_errors=True)
+
+
 def silence() -> Any:
     """Context manager that swallows stdout and stderr of chatty libraries."""
     import contextlib

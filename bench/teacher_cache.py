@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from bench import common  # noqa: I001
 
-import functools
 import itertools
 import tempfile
 import time
@@ -38,8 +37,11 @@ def run_trial(cfg, cache_dir: Path | None) -> dict[str, Any]:
         return teacher
 
     cache = TeacherLogitsCache(cache_dir) if cache_dir is not None else None
-    patches = {"load_teacher": counting_load_teacher,
-               "DistillationLoop": functools.partial(DistillationLoop, teacher_cache=cache) if cache else DistillationLoop}
+
+    def loop(*args, **kwargs):  # this cache (or none), whatever `distill` would hand the loop
+        return DistillationLoop(*args, **{**kwargs, "teacher_cache": cache})
+
+    patches = {"load_teacher": counting_load_teacher, "DistillationLoop": loop}
     originals = {k: getattr(run_module, k) for k in patches}
     for k, v in patches.items():
         setattr(run_module, k, v)
@@ -70,7 +72,7 @@ def main() -> None:
                 cfg = common.run_config(
                     teacher, Path(tmp) / f"{variant}-{k}", size=args.size,
                     objectives=[{"name": "kd", "weight": 0.5, "temperature": temperature}],
-                    training={**training, "learning_rate": lr},
+                    training={**training, "learning_rate": lr, "teacher_logits_cache": variant == "cached"},
                 )
                 result = run_trial(cfg, shared if variant == "cached" else None)
                 result["config"] = {"learning_rate": lr, "temperature": temperature}
