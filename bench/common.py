@@ -37,12 +37,13 @@ from typing import Any  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-SIZES = ("smallest", "default")
+SIZES = ("smallest", "default", "paper")
 
 
 def parse_args(name: str, description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None):
     parser = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=description)
-    parser.add_argument("--size", choices=SIZES, default="default", help="smallest: seconds, for CI")
+    parser.add_argument("--size", choices=SIZES, default="default",
+                        help="smallest: seconds, for CI; paper: the study's BERT-base teacher shape (for GPUs)")
     parser.add_argument("--threads", type=int, default=int(os.environ["OMP_NUM_THREADS"]),
                         help="intra-op threads of each training process (default: OMP_NUM_THREADS, else 1)")
     parser.add_argument("--out", type=Path, default=None, help="result file (default bench/results/NAME[.smallest].json)")
@@ -217,8 +218,54 @@ def minilm_teacher() -> Path:
         return demo_teacher()
 
 
-def teacher_for(size: str, cache_dir: Path | None = None) -> Path:
+def teacher_for(size: str, cache_dir: Path | None = None, random_weights: bool = False) -> Path:
+    """The size's teacher: fine-tuned as above, or its architecture with random weights.
+
+    Random weights time the same work (nothing here depends on the values) without the
+    fine-tuning or the 90 MB MiniLM package, which is how the GPU figures are taken on a machine
+    that can reach no hub; `paper` is always random (no BERT-base weights can be had offline).
+    """
+    if random_weights or size == "paper":
+        return random_teacher(size, cache_dir)
     return tiny_teacher(cache_dir) if size == "smallest" else minilm_teacher()
+
+
+TEACHER_SHAPES = {  # BertConfig fields per size: the tiny test BERT, MiniLM-L6, BERT-base
+    "smallest": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 128},
+    "default": {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536},
+    "paper": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
+}
+
+
+def tokenizer_source() -> Path:
+    """$DISTILLSWEEP_BENCH_TOKENIZER (a folder with a BERT tokenizer), else the MiniLM package's."""
+    from trainables.demo import demo_teacher_base
+
+    given = os.environ.get("DISTILLSWEEP_BENCH_TOKENIZER")
+    return Path(given).resolve() if given else demo_teacher_base()
+
+
+def random_teacher(size: str, cache_dir: Path | None = None) -> Path:
+    """A BERT of the size's teacher shape with random weights and a (random) 2-way head, saved once."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from trainables.data import cache_root
+
+    base = cache_root(cache_dir) / "bench" / f"random-teacher-{size}"
+    if not (base / "config.json").exists():
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=30522, max_position_embeddings=512, num_labels=2, **TEACHER_SHAPES[size])
+        tmp = base.with_name(base.name + f".tmp-{os.getpid()}")
+        BertForSequenceClassification(config).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(tokenizer_source()).save_pretrained(tmp)
+        tmp.rename(base)
+    return base
+
+
+def add_teacher_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--random-teacher", action="store_true",
+                        help="the teacher's architecture with random weights (timing only; see teacher_for)")
 
 
 # --- configs and data ---------------------------------------------------------------------------
@@ -231,15 +278,19 @@ FULL_MIX = [
 KD_ONLY = [{"name": "kd", "weight": 0.5, "temperature": 2.0}]
 
 
+STUDENT_LAYERS = {"smallest": 2, "default": 3, "paper": 6}
+MAX_SEQ_LENGTH = {"smallest": 48, "default": 64, "paper": 128}
+
+
 def run_config(teacher: Path, out: Path, *, size: str, objectives: list[dict] | None = None,
                training: dict[str, Any] | None = None, **fields: Any):
-    """A RunConfig on the demo task: student of 3 layers (2 at smallest) copied from the teacher."""
+    """A RunConfig on the demo task: student of 3 layers (2 at smallest, 6 at paper) copied from the teacher."""
     from trainables.config import RunConfig
 
     raw = {
         "task": "demo",
         "teacher": str(teacher),
-        "student": {"num_layers": 2 if size == "smallest" else 3, "init": "skip"},
+        "student": {"num_layers": STUDENT_LAYERS[size], "init": "skip"},
         "objectives": objectives if objectives is not None else FULL_MIX,
         "ce_weight": 0.5,
         "mapping": "skip",
@@ -247,7 +298,7 @@ def run_config(teacher: Path, out: Path, *, size: str, objectives: list[dict] | 
         "cache_dir": os.environ.get("DISTILLSWEEP_CACHE"),
         "training": {
             "learning_rate": 1e-4, "per_device_train_batch_size": 32, "per_device_eval_batch_size": 64,
-            "max_seq_length": 48 if size == "smallest" else 64, "seed": 1, **(training or {}),
+            "max_seq_length": MAX_SEQ_LENGTH[size], "seed": 1, **(training or {}),
         },
         **fields,
     }

@@ -1,23 +1,30 @@
 """Figure 1: training throughput of our run against torchdistill and against a plain PyTorch loop.
 
-All three train the same student (copied from the same teacher, same seed) from the same teacher
+Every run trains the same student (copied from the same teacher, same seed) from the same teacher
 on the same objective mix (0.5 CE + 0.5 KD at T=2 + hidden-state MSE over real tokens, skip
-mapping + attention-map KL over real keys), with the same AdamW, linear warm-up schedule, gradient
-clipping, batch size, max_seq_length and the very same sequence of batches (our epoch order), in
-one process, one after another, in rotating order, `--repeats` times. Throughput is training
-examples per second over `steps` steps after `warmup` steps, data loading and collation included,
-evaluation and checkpoints excluded.
+mapping + attention-map KL over real keys), with AdamW (decay / no-decay groups), a linear
+warm-up schedule, gradient clipping, the same batch size, max_seq_length and the very same
+sequence of batches (our epoch order), in one process, one after another, in rotating order,
+`--repeats` times. Throughput is training examples per second over `steps` steps after `warmup`
+steps, data loading and collation included, evaluation and checkpoints excluded.
 
-- ours: `trainables.run.distill` end to end (its one evaluation and checkpoint come after the
-  last step); the window is timed by its `on_step` callback, called after each optimiser step.
+- ours: `trainables.run.distill` end to end as a user gets it: the precision its `auto` default
+  picks on this device (bf16 autocast on GPUs and on CPUs with AMX) and fused AdamW; the window
+  is timed by its `on_step` callback, called after each optimiser step.
+- ours_fp32: the same with `mixed_precision: no`.
 - torchdistill: its `DistillationBox` (forward hooks declared in the config, `WeightedSumLoss`
   of its own `KDLoss` plus two mid-level losses registered through its registry for the masked
   hidden-state MSE and attention KL, its data loader, optimiser and scheduler registries, its
-  `forward_process` / `post_forward_process` step), driven as its Hugging Face example does.
-- plain: a hand-written PyTorch loop doing the same maths with nothing around it.
+  `forward_process` / `post_forward_process` step), driven as its Hugging Face example does, in
+  fp32 (1.1.5 has no mixed precision without an Accelerator, and cannot take one from accelerate
+  1.x) with torch's AdamW as its YAML names it; torchdistill_fused adds `fused: true` to the
+  optimiser's kwargs.
+- plain: a hand-written PyTorch loop doing the same maths in fp32 with fused AdamW and nothing
+  around it: ours_fp32 / plain is our overhead.
 
-Before timing, each implementation's loss on the first batch (student without dropout) is compared
-with ours, so the three are known to compute the same thing.
+Before timing, the fp32 implementations' losses on the first batch (student without dropout) are
+compared, so they are known to compute the same thing; our loss in its default precision is
+reported beside them.
 """
 
 from __future__ import annotations
@@ -40,7 +47,11 @@ NAME = "throughput"
 
 
 def extra_args(parser) -> None:
-    parser.add_argument("--repeats", type=int, default=None, help="rounds of the three runs (default 3; 1 at smallest)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="rounds of the five runs (default 3 on CPU, 5 on GPU; 1 at smallest)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CPU, 30 on GPU; 3 at smallest)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on CPU, 5 on GPU)")
+    common.add_teacher_args(parser)
 
 
 # --- shared set-up ------------------------------------------------------------------------------
@@ -90,9 +101,12 @@ class Setup:
         """AdamW with decay / no-decay groups and a linear warm-up schedule, as our loop builds them."""
         from transformers import get_scheduler
 
+        from trainables.training import adamw_implementation
+
         t = self.cfg.training
         groups = param_groups(model, t.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+        optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+                                      **adamw_implementation([p for g in groups for p in g["params"]]))
         scheduler = get_scheduler("linear", optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * self.total_steps),
                                   num_training_steps=self.total_steps)
         return optimizer, scheduler
@@ -112,10 +126,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 # --- ours ---------------------------------------------------------------------------------------
 
 
-def ours_examples_per_second(setup: Setup, out: Path) -> float:
+def ours_examples_per_second(setup: Setup, out: Path, precision: str) -> float:
     from trainables.run import distill
 
-    cfg = setup.cfg.model_copy(update={"output_dir": out})
+    training = setup.cfg.training.model_copy(update={"mixed_precision": precision})
+    cfg = setup.cfg.model_copy(update={"output_dir": out, "training": training})
     stamps: dict[int, float] = {}
 
     def on_step(step: int, total: int) -> None:  # called right after each optimiser step
@@ -129,10 +144,12 @@ def ours_examples_per_second(setup: Setup, out: Path) -> float:
     return sum(len(b) for b in timed) / (stamps[setup.total_steps] - stamps[setup.warmup])
 
 
-def ours_first_loss(setup: Setup) -> float:
+def ours_first_loss(setup: Setup, precision: str = "no") -> float:
+    """Our loss on the first batch; `auto` runs it under the autocast our run would pick here."""
     from trainables.distiller import Distiller, Term, plan_stages
     from trainables.models import forward_view
     from trainables.objectives import REGISTRY
+    from trainables.run import choose_precision, cpu_has_native_bf16
 
     cfg = setup.cfg
     terms = [Term(REGISTRY[o.name], o.weight, REGISTRY[o.name].parse_params(o.params)) for o in cfg.objectives]
@@ -140,10 +157,14 @@ def ours_first_loss(setup: Setup) -> float:
     distiller = Distiller(setup.fresh_student().eval(), {}, setup.pairs, False, False)
     columns = setup.data.train[setup.batches[0]]
     batch = to_device(setup.collate([dict(zip(columns, values)) for values in zip(*columns.values())]))
-    with torch.no_grad():
+    on_gpu = torch.cuda.is_available()
+    native = torch.cuda.is_bf16_supported() if on_gpu else cpu_has_native_bf16()
+    chosen = choose_precision(cfg.training.model_copy(update={"mixed_precision": precision}), on_gpu, native)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(chosen)
+    with torch.no_grad(), torch.autocast(device().type, dtype=dtype, enabled=dtype is not None):
         teacher_view = forward_view(setup.teacher, batch, need_qkv=stage.needs_qkv)
         loss, _ = distiller(batch, teacher_view, stage)
-    return loss.item()
+    return loss.float().item()
 
 
 # --- plain PyTorch ------------------------------------------------------------------------------
@@ -339,9 +360,9 @@ class FixedBatches:
 
 
 def adamw_no_decay(params, lr: float, weight_decay: float, betas, eps: float, **kwargs):
-    """AdamW with the decay / no-decay parameter groups of our loop."""
+    """AdamW with the decay / no-decay parameter groups of our loop; other kwargs (`fused`) go to AdamW."""
     modules = params if isinstance(params, nn.ModuleList) else nn.ModuleList([params])
-    return torch.optim.AdamW(param_groups(modules, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+    return torch.optim.AdamW(param_groups(modules, weight_decay), lr=lr, betas=tuple(betas), eps=eps, **kwargs)
 
 
 def register_torchdistill_extensions() -> None:
@@ -361,8 +382,12 @@ def register_torchdistill_extensions() -> None:
         register_scheduler(get_linear_schedule_with_warmup)
 
 
-def torchdistill_config(setup: Setup) -> dict[str, Any]:
-    """The training configuration torchdistill reads (what its YAML files hold), for our mix."""
+def torchdistill_config(setup: Setup, fused_adamw: bool = False) -> dict[str, Any]:
+    """The training configuration torchdistill reads (what its YAML files hold), for our mix.
+
+    Its optimiser is torch's AdamW as a torchdistill YAML names it (`fused_adamw=False`), or
+    with `fused: true` added to its kwargs, the implementation our loop picks.
+    """
     t = setup.cfg.training
     student_layers = [f"bert.encoder.layer.{i}" for i in range(setup.cfg.student.num_layers)]
     teacher_layers = [f"bert.encoder.layer.{i}" for i in range(setup.teacher_layers)]
@@ -396,7 +421,7 @@ def torchdistill_config(setup: Setup) -> dict[str, Any]:
         "optimizer": {
             "key": "adamw_no_decay", "filters_params": False, "max_grad_norm": t.max_grad_norm, "grad_accum_step": 1,
             "kwargs": {"lr": t.learning_rate, "weight_decay": t.weight_decay, "betas": [t.adam_beta1, t.adam_beta2],
-                       "eps": t.adam_epsilon},
+                       "eps": t.adam_epsilon, **({"fused": True} if fused_adamw else {})},
         },
         "scheduler": {
             "key": "get_linear_schedule_with_warmup", "scheduling_step": 1,
@@ -421,7 +446,7 @@ def torchdistill_config(setup: Setup) -> dict[str, Any]:
     }
 
 
-def torchdistill_box(setup: Setup, student):
+def torchdistill_box(setup: Setup, student, fused_adamw: bool = False):
     from torchdistill.core.distillation import get_distillation_box
     from torchdistill.datasets.registry import register_collate_func
     from transformers import DataCollatorWithPadding
@@ -431,7 +456,7 @@ def torchdistill_box(setup: Setup, student):
     # No Accelerator: torchdistill 1.1.5 reads AcceleratorState.use_fp16, which accelerate >= 1.0 dropped;
     # without one it places models itself and steps with loss.backward(), as in its non-HF examples.
     with common.silence():
-        return get_distillation_box(setup.teacher, student, {"train": dataset}, torchdistill_config(setup),
+        return get_distillation_box(setup.teacher, student, {"train": dataset}, torchdistill_config(setup, fused_adamw),
                                     device(), None, False, 1, None)
 
 
@@ -448,8 +473,8 @@ def to_device(batch: dict) -> dict:
     return {k: v.to(device()) for k, v in batch.items()}
 
 
-def torchdistill_examples_per_second(setup: Setup) -> float:
-    box = torchdistill_box(setup, setup.fresh_student())
+def torchdistill_examples_per_second(setup: Setup, fused_adamw: bool) -> float:
+    box = torchdistill_box(setup, setup.fresh_student(), fused_adamw)
     try:
         box.pre_epoch_process(epoch=0)
         examples, start = 0, 0.0
@@ -486,55 +511,83 @@ def torchdistill_first_loss(setup: Setup) -> float:
 # --- main ---------------------------------------------------------------------------------------
 
 
+RUNS = ("ours", "ours_fp32", "torchdistill", "torchdistill_fused", "plain")
+
+
+def precision_of_our_default() -> str:
+    from trainables.config import TrainingConfig
+    from trainables.run import choose_precision, cpu_has_native_bf16
+
+    on_gpu = torch.cuda.is_available()
+    native = torch.cuda.is_bf16_supported() if on_gpu else cpu_has_native_bf16()
+    return choose_precision(TrainingConfig(), on_gpu, native)
+
+
 def main() -> None:
     args = common.parse_args(NAME, __doc__, extra_args)
     started = time.perf_counter()
     smallest = args.size == "smallest"
-    warmup, steps = (1, 3) if smallest else (3, 20)
-    repeats = args.repeats or (1 if smallest else 3)
+    on_gpu = torch.cuda.is_available()
+    warmup, steps = (1, 3) if smallest else ((5, 30) if on_gpu else (3, 20))
+    warmup, steps = args.warmup or warmup, args.steps or steps
+    repeats = args.repeats or (1 if smallest else (5 if on_gpu else 3))
     import_torchdistill()
-    teacher = common.teacher_for(args.size)
+    teacher = common.teacher_for(args.size, random_weights=args.random_teacher)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = common.run_config(
             teacher, Path(tmp) / "ours", size=args.size,
-            # fp32 everywhere: on a GPU our run would otherwise pick bf16 autocast and the others not
+            # fp32 unless a run says otherwise: only "ours" runs in the precision our default picks
             training={"max_steps": warmup + steps, "eval_steps": warmup + steps, "max_eval_samples": 64,
                       "mixed_precision": "no"},
         )
         setup = Setup(cfg, warmup, steps)
-        losses = {"ours": ours_first_loss(setup), "torchdistill": torchdistill_first_loss(setup),
+        losses = {"ours_fp32": ours_first_loss(setup), "torchdistill": torchdistill_first_loss(setup),
                   "plain": plain_first_loss(setup)}
-        common.log(f"first-batch loss: {losses}")
+        default_loss = ours_first_loss(setup, "auto")
+        common.log(f"first-batch loss: {losses}; in our default precision: {default_loss}")
         runners = {
-            "ours": lambda r: ours_examples_per_second(setup, Path(tmp) / f"ours-{r}"),
-            "torchdistill": lambda r: torchdistill_examples_per_second(setup),
+            "ours": lambda r: ours_examples_per_second(setup, Path(tmp) / f"ours-{r}", "auto"),
+            "ours_fp32": lambda r: ours_examples_per_second(setup, Path(tmp) / f"ours-fp32-{r}", "no"),
+            "torchdistill": lambda r: torchdistill_examples_per_second(setup, fused_adamw=False),
+            "torchdistill_fused": lambda r: torchdistill_examples_per_second(setup, fused_adamw=True),
             "plain": lambda r: plain_examples_per_second(setup),
         }
-        names = list(runners)
-        samples: dict[str, list[float]] = {n: [] for n in names}
+        samples: dict[str, list[float]] = {n: [] for n in RUNS}
         for r in range(repeats):
-            for name in names[r % 3:] + names[: r % 3]:  # rotate the order: drift hits each one alike
+            shift = r % len(RUNS)
+            for name in RUNS[shift:] + RUNS[:shift]:  # rotate the order: drift hits each one alike
                 samples[name].append(runners[name](r))
                 common.log(f"round {r}: {name} {samples[name][-1]:.1f} examples/s")
     med = {n: common.median(v) for n, v in samples.items()}
+    ratios = {
+        "ours_vs_torchdistill": med["ours"] / med["torchdistill"],
+        "ours_fp32_vs_torchdistill": med["ours_fp32"] / med["torchdistill"],
+        "ours_fp32_vs_torchdistill_fused": med["ours_fp32"] / med["torchdistill_fused"],
+        "ours_fp32_vs_plain": med["ours_fp32"] / med["plain"],
+    }
     figures = {
         "figure": "examples per second of training, same maths, same batches",
         "setup": {
-            "teacher": Path(str(teacher)).name, "teacher_layers": setup.teacher_layers,
-            "hidden_size": setup.teacher.config.hidden_size, "student_layers": cfg.student.num_layers,
+            "teacher": Path(str(teacher)).name, "teacher_weights": "random" if args.random_teacher or args.size == "paper" else "fine-tuned",
+            "teacher_layers": setup.teacher_layers, "hidden_size": setup.teacher.config.hidden_size,
+            "student_layers": cfg.student.num_layers,
             "objectives": "0.5 ce + 0.5 kd(T=2) + hidden_mse(skip) + att_kl(skip)",
             "batch_size": cfg.training.per_device_train_batch_size, "max_seq_length": cfg.training.max_seq_length,
             "mean_padded_length": round(setup.mean_tokens, 1), "warmup_steps": warmup, "timed_steps": steps,
             "repeats": repeats, "torchdistill": import_torchdistill().__version__,
+            "precision": {"ours": precision_of_our_default(), "others": "fp32"},
+            "adamw": {"ours": "fused", "ours_fp32": "fused", "plain": "fused", "torchdistill": "torch default",
+                      "torchdistill_fused": "fused"},
         },
         "first_batch_loss": {k: round(v, 6) for k, v in losses.items()},
-        "first_batch_loss_max_rel_diff": max(abs(v - losses["ours"]) / abs(losses["ours"]) for v in losses.values()),
+        "first_batch_loss_max_rel_diff": max(abs(v - losses["ours_fp32"]) / abs(losses["ours_fp32"])
+                                             for v in losses.values()),
+        "first_batch_loss_ours_default_precision": round(default_loss, 6),
         "examples_per_second": {n: [round(x, 2) for x in v] for n, v in samples.items()},
         "median_examples_per_second": {n: round(v, 2) for n, v in med.items()},
-        "ours_vs_torchdistill": round(med["ours"] / med["torchdistill"], 3),
-        "ours_vs_plain": round(med["ours"] / med["plain"], 3),
-        "targets": {"ours_vs_torchdistill >= 1.3": med["ours"] / med["torchdistill"] >= 1.3,
-                    "ours_vs_plain >= 0.95": med["ours"] / med["plain"] >= 0.95},
+        **{k: round(v, 3) for k, v in ratios.items()},
+        "targets": {"ours_vs_torchdistill >= 1.3": ratios["ours_vs_torchdistill"] >= 1.3,
+                    "ours_fp32_vs_plain >= 0.95": ratios["ours_fp32_vs_plain"] >= 0.95},
     }
     common.write_result(NAME, args, figures, started)
 

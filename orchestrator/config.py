@@ -156,6 +156,11 @@ class SweepSpec(StrictModel):
         description="folder for the sweep's own state when storage is a URI; put it on a volume that outlives the cluster",
     )
     max_failures: int = Field(default=2, ge=-1, description="retries per trial; -1 retries forever")
+    reuse_actors: bool = Field(
+        default=True,
+        description="run the next trial in the finished trial's worker process instead of starting a new one "
+        "(saves ~7 s per trial: bench/packing)",
+    )
     teacher_finetune: TeacherFinetune | None = None
     teachers: dict[str, str] = Field(default_factory=dict, description="task name -> teacher, per task")
     per_task: dict[str, dict[str, Any]] = Field(

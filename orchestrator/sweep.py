@@ -401,6 +401,7 @@ def run_tuner(state: SweepState, address: str | None, restore: bool, retry_error
                 scheduler=build_scheduler(spec),
                 num_samples=spec.search.num_samples,
                 max_concurrent_trials=spec.max_concurrent_trials,
+                reuse_actors=spec.reuse_actors,
             ),
             run_config=run_config_for(state, tracker),
         )

@@ -122,3 +122,14 @@ def test_untrained_teacher_head_is_refused(demo_cache, tmp_path):
     BertModel.from_pretrained(demo_cache / "tiny-base").save_pretrained(tmp_path / "headless")
     with pytest.raises(ValueError, match="no trained classification head"):
         load_teacher(str(tmp_path / "headless"), num_labels=2)
+
+
+def test_bf16_autocast_on_cpu_trains_as_well_as_fp32(tiny_demo_teacher, demo_cache, tmp_path):
+    fields = {"objectives": [{"name": "kd", "weight": 0.5}, {"name": "att_kl", "weight": 1.0}]}
+    fp32 = distill(run_config(tiny_demo_teacher, demo_cache, tmp_path / "fp32",
+                              training={"num_train_epochs": 2, "eval_steps": 30, "mixed_precision": "no"}, **fields))
+    bf16 = distill(run_config(tiny_demo_teacher, demo_cache, tmp_path / "bf16",
+                              training={"num_train_epochs": 2, "eval_steps": 30, "bf16": True}, **fields))
+    assert bf16["train_loss"] != fp32["train_loss"], "bf16 was asked for but the run computed in fp32"
+    assert bf16["eval_accuracy"] > 0.65
+    assert abs(bf16["eval_accuracy"] - fp32["eval_accuracy"]) <= 0.05

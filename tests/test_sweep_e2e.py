@@ -191,3 +191,23 @@ def test_killed_driver_resumes_with_each_trial_once_in_mlflow(tiny_demo_teacher,
         assert steps == sorted(set(steps)) and steps[-1] == 40
         assert child.info.status == "FINISHED"
     assert sum(before.values()) > 0
+
+
+def test_reused_worker_trains_trials_exactly_as_fresh_workers(tiny_demo_teacher, demo_cache, tmp_path):
+    """`reuse_actors` (the default) runs trial after trial in one process: nothing may leak between them."""
+    scores: dict[bool, dict[int, list[float]]] = {}
+    for reuse in (True, False):
+        root = tmp_path / ("reused" if reuse else "fresh")
+        root.mkdir()
+        spec = tiny_space(tiny_demo_teacher, root, space={"training.seed": {"grid": [1, 2, 3]}},
+                          max_concurrent_trials=1, reuse_actors=reuse)
+        done = distillsweep(["sweep", str(write_space(spec, root / "space.yaml"))], demo_cache, root)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        results = trial_results(root / "sweeps" / "tiny")
+        pids = {rows[0]["pid"] for rows in results.values()}
+        assert (len(pids) == 1) == reuse, f"reuse_actors={reuse} but trials ran in processes {pids}"
+        scores[reuse] = {rows[0]["config"]["training.seed"]: [r["score"] for r in rows] for rows in results.values()}
+        checkpoints = list((root / "sweeps" / "tiny").glob("*/checkpoint_*"))
+        assert len(checkpoints) == 3 * 2, "Tune keeps each trial's last two checkpoints in storage"
+    assert scores[True] == scores[False]
+    assert len({tuple(s) for s in scores[True].values()}) == 3, "the seeds should give different runs"

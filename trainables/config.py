@@ -130,8 +130,8 @@ class TrainingConfig(StrictModel):
     fp16: bool = False
     mixed_precision: Literal["auto", "no"] = Field(
         default="auto",
-        description="with bf16 and fp16 both false: auto uses bf16 on GPUs that support it, else fp16; "
-        "CPUs always train in fp32",
+        description="with bf16 and fp16 both false: auto uses bf16 where the device multiplies bf16 "
+        "natively (Ampere+ GPUs, CPUs with AMX), else fp16 on GPUs and fp32 on CPUs; no trains in fp32",
     )
     max_train_samples: int | None = Field(default=None, ge=1)
     max_eval_samples: int | None = Field(default=None, ge=1)
@@ -145,6 +145,12 @@ class TrainingConfig(StrictModel):
     num_processes: int = Field(
         default=1, ge=1, description="data-parallel processes in one run: one per GPU, or CPU processes (gloo)"
     )
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted `no` as false.
+        return "no" if value is False else value
 
     @model_validator(mode="after")
     def _one_precision(self) -> TrainingConfig:

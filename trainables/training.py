@@ -116,6 +116,19 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+FUSED_ADAMW_DEVICES = frozenset({"cpu", "cuda"})
+
+
+def adamw_implementation(params: list[torch.Tensor]) -> dict[str, bool]:
+    """`fused=True` where torch has a fused AdamW kernel for every parameter.
+
+    The fused kernel makes one pass over memory instead of a dozen: on the bench student (17 M
+    parameters, one CPU thread) the optimiser step drops from 117 ms to 23 ms (bench/step_profile).
+    """
+    fusable = all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params)
+    return {"fused": True} if params and fusable else {}
+
+
 class DistillationLoop:
     """Trains a `Distiller` through its stages, evaluating and checkpointing every `eval_steps`."""
 
@@ -185,7 +198,8 @@ class DistillationLoop:
             {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0},
         ]
         self.optimizer = torch.optim.AdamW(
-            groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon
+            groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+            **adamw_implementation([p for _, p in named]),
         )
         total = self.steps_per_stage
         self.scheduler = get_scheduler(

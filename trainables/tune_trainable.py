@@ -8,6 +8,7 @@ last checkpoint back through `tune.get_checkpoint()` and the run resumes from it
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,9 @@ def distillation_trial(config: dict[str, Any], template: TrialTemplate, cpus_per
             tune.report(numeric)
         else:
             tune.report(numeric, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+            # Tune has copied it to the sweep's storage before `report` returns: a second copy
+            # in the trial folder would only fill the disk (199 MB per checkpoint on the bench student).
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     diverged = trial_dir / DIVERGED_MARKER
