@@ -32,6 +32,7 @@ from __future__ import annotations
 from bench import common  # noqa: I001  (sets thread and offline environment before torch)
 
 import copy
+import itertools
 import math
 import sys
 import tempfile
@@ -50,7 +51,8 @@ def extra_args(parser) -> None:
     parser.add_argument("--repeats", type=int, default=None,
                         help="rounds of the five runs (default 3 on CPU, 5 on GPU; 1 at smallest)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CPU, 30 on GPU; 3 at smallest)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on CPU, 5 on GPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on CPU, 10 on GPU)")
+    parser.add_argument("--batch-size", type=int, default=None, help="per_device_train_batch_size (default 32)")
     common.add_teacher_args(parser)
 
 
@@ -83,8 +85,12 @@ class Setup:
         self.collate = make_collator(self.tokenizer)
         lengths = [len(x) for x in self.data.train["input_ids"]]
         t = cfg.training
-        self.batches = epoch_batches(lengths, t.per_device_train_batch_size, t.seed, 0, False)[: warmup + steps]
-        assert len(self.batches) == warmup + steps, "more steps than one epoch holds"
+        self.batches: list[list[int]] = []
+        for epoch in itertools.count():  # our loop's batches, epoch after epoch, as many as the steps need
+            if len(self.batches) >= warmup + steps:
+                break
+            self.batches += epoch_batches(lengths, t.per_device_train_batch_size, t.seed, epoch, False)
+        self.batches = self.batches[: warmup + steps]
         self.teacher_layers = len(encoder_layers(self.teacher))
         self.pairs = layer_pairs(cfg.mapping, self.teacher_layers, cfg.student.num_layers)
         self.total_steps = warmup + steps
@@ -528,7 +534,7 @@ def main() -> None:
     started = time.perf_counter()
     smallest = args.size == "smallest"
     on_gpu = torch.cuda.is_available()
-    warmup, steps = (1, 3) if smallest else ((5, 30) if on_gpu else (3, 20))
+    warmup, steps = (1, 3) if smallest else ((10, 30) if on_gpu else (3, 20))
     warmup, steps = args.warmup or warmup, args.steps or steps
     repeats = args.repeats or (1 if smallest else (5 if on_gpu else 3))
     import_torchdistill()
@@ -538,7 +544,7 @@ def main() -> None:
             teacher, Path(tmp) / "ours", size=args.size,
             # fp32 unless a run says otherwise: only "ours" runs in the precision our default picks
             training={"max_steps": warmup + steps, "eval_steps": warmup + steps, "max_eval_samples": 64,
-                      "mixed_precision": "no"},
+                      "mixed_precision": "no", "per_device_train_batch_size": args.batch_size or 32},
         )
         setup = Setup(cfg, warmup, steps)
         losses = {"ours_fp32": ours_first_loss(setup), "torchdistill": torchdistill_first_loss(setup),
