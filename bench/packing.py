@@ -10,8 +10,8 @@ wrapped only to record when the trial function starts and ends in its worker. Th
   call (Ray start-up, MLflow set-up, Tune, the tracker's last writes);
 - per-trial overhead = (slots x span - sum of trial times) / trials: slot time no trial function
   was running (Ray actor start, worker imports, result handling, MLflow logging, idle tail).
-`--reuse-actors` runs the same sweep with Tune's `reuse_actors=True` (one worker process per slot
-kept across trials), to show how much of that overhead is process start-up.
+Sweeps reuse worker processes across trials (`reuse_actors`, on by default); `--fresh-workers`
+also runs the same sweep with a new worker process per trial, to show what that default saves.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ NAME = "packing"
 
 def extra_args(parser) -> None:
     parser.add_argument("--trials", type=int, default=None, help="trials in the sweep (default 12; 4 at smallest)")
-    parser.add_argument("--reuse-actors", action="store_true", help="also run the sweep with reuse_actors=True")
+    parser.add_argument("--fresh-workers", action="store_true", help="also run the sweep with reuse_actors: false")
 
 
 def timed_trial(config: dict[str, Any], template: Any, cpus_per_trial: int = 1, timing_dir: str = "") -> None:
@@ -47,7 +47,7 @@ def timed_trial(config: dict[str, Any], template: Any, cpus_per_trial: int = 1, 
         Path(timing_dir, f"{record['trial']}-{start:.6f}.json").write_text(json.dumps(record))
 
 
-def sweep_spec(teacher: Path, tmp: Path, size: str, trials: int, name: str) -> Any:
+def sweep_spec(teacher: Path, tmp: Path, size: str, trials: int, name: str, reuse_actors: bool) -> Any:
     from orchestrator.config import SweepSpec
 
     smallest = size == "smallest"
@@ -63,7 +63,8 @@ def sweep_spec(teacher: Path, tmp: Path, size: str, trials: int, name: str) -> A
             "training": {"learning_rate": 1e-4, "per_device_train_batch_size": 32, "max_steps": steps,
                          "eval_steps": steps // 2, "max_seq_length": 48 if smallest else 64,
                          "max_eval_samples": 64 if smallest else 200,
-                         # live teacher: the trials measured in BENCHMARKS.md predate the logits cache
+                         # live teacher: every trial does the same work (with the logits cache
+                         # the first trial would also fill it, and the sum of trial times would say so)
                          "teacher_logits_cache": False},
         },
         "space": {"training.seed": {"grid": seeds}},
@@ -74,6 +75,7 @@ def sweep_spec(teacher: Path, tmp: Path, size: str, trials: int, name: str) -> A
         "storage": str(tmp / "sweeps"),
         "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": name},
         "max_failures": 0,
+        "reuse_actors": reuse_actors,
     })
 
 
@@ -81,7 +83,7 @@ def slots() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def run_sweep(spec: Any, timing_dir: Path, reuse_actors: bool) -> dict[str, Any]:
+def run_sweep(spec: Any, timing_dir: Path) -> dict[str, Any]:
     from ray import tune
 
     import orchestrator.sweep as sweep_module
@@ -94,20 +96,15 @@ def run_sweep(spec: Any, timing_dir: Path, reuse_actors: bool) -> dict[str, Any]
                                          timing_dir=str(timing_dir))
         return tune.with_resources(trainable, {"cpu": s.resources.cpu, "gpu": s.resources.gpu})
 
-    original_trainable, original_config = sweep_module.trainable_for, tune.TuneConfig
-
-    def tune_config(*args, **kwargs):
-        return original_config(*args, **{**kwargs, "reuse_actors": reuse_actors})
-
+    original_trainable = sweep_module.trainable_for
     sweep_module.trainable_for = trainable_for
-    tune.TuneConfig = tune_config
     start = time.time()
     try:
         with common.silence():
             sweep_module.start_sweep(spec)
     finally:
         wall = time.time() - start
-        sweep_module.trainable_for, tune.TuneConfig = original_trainable, original_config
+        sweep_module.trainable_for = original_trainable
         common.shutdown_ray()
     records = [json.loads(p.read_text()) for p in timing_dir.glob("*.json")]
     durations = [r["end"] - r["start"] for r in records]
@@ -115,7 +112,7 @@ def run_sweep(spec: Any, timing_dir: Path, reuse_actors: bool) -> dict[str, Any]
     n, k = len(records), min(slots(), len(records))
     ideal = sum(durations) / k
     return {
-        "trials": n, "slots": k, "reuse_actors": reuse_actors,
+        "trials": n, "slots": k, "reuse_actors": spec.reuse_actors,
         "worker_processes": len({r["pid"] for r in records}),
         "sweep_wall_s": round(wall, 1),
         "trials_span_s": round(span, 1),
@@ -138,11 +135,11 @@ def main() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(common.ROOT), os.environ.get("PYTHONPATH")]))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        variants = [False, True] if args.reuse_actors else [False]
+        variants = [True, False] if args.fresh_workers else [True]
         for reuse in variants:
-            name = "bench-packing-reuse" if reuse else "bench-packing"
-            spec = sweep_spec(teacher, Path(tmp), args.size, trials, name)
-            results["reuse_actors" if reuse else "default"] = result = run_sweep(spec, Path(tmp) / f"timing-{name}", reuse)
+            name = "bench-packing" if reuse else "bench-packing-fresh-workers"
+            spec = sweep_spec(teacher, Path(tmp), args.size, trials, name, reuse)
+            results["default" if reuse else "fresh_workers"] = result = run_sweep(spec, Path(tmp) / f"timing-{name}")
             common.log(f"{name}: {result}")
     figures = {
         "figure": "sweep wall time vs ideal packing (sum of trial times / slots), per-trial overhead",

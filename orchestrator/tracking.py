@@ -124,6 +124,7 @@ class MlflowJournal:
         self.experiment_id = experiment_id
         self.pending_file = pending_file
         self.run_ids: dict[str, str] = {}
+        self.logged_step: dict[str, int] = {}
         self.queue: list[dict[str, Any]] = []
         self.warned = False
 
@@ -158,6 +159,8 @@ class MlflowJournal:
                 if found is None:
                     run = self.client.create_run(self.experiment_id, tags=record["tags"], run_name=record.get("name"))
                     found = run.info.run_id
+                else:
+                    self.logged_step[key] = self.last_logged_step(found)
                 self.run_ids[key] = found
             return
         run_id = self.run_ids[key]
@@ -167,8 +170,11 @@ class MlflowJournal:
             for start in range(0, len(params), 100):
                 self.client.log_batch(run_id, params=params[start : start + 100])
         elif kind == "metrics":
+            if record["step"] <= self.logged_step.get(key, -1):
+                return  # replayed after a restore whose saved experiment state lagged behind MLflow
             metrics = [Metric(k, v, record["time"], record["step"]) for k, v in record["metrics"].items()]
             self.client.log_batch(run_id, metrics=metrics)
+            self.logged_step[key] = record["step"]
         elif kind == "tags":
             self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in record["tags"].items()])
         elif kind == "text":
@@ -179,6 +185,18 @@ class MlflowJournal:
             self.client.set_terminated(run_id, record["status"])
         else:
             raise ValueError(f"unknown journal record {kind!r}")
+
+    def last_logged_step(self, run_id: str) -> int:
+        """The highest step a run has metrics for, -1 if none.
+
+        A driver killed mid-sweep saved Tune's experiment state some results before it died; the
+        restored trials replay those results, which MLflow already holds.
+        """
+        logged = self.client.get_run(run_id).data.metrics
+        if not logged:
+            return -1
+        name = "score" if "score" in logged else next(iter(logged))
+        return max((m.step for m in self.client.get_metric_history(run_id, name)), default=-1)
 
     def find_run(self, key: str, parent: str | None) -> str | None:
         """A run already created for `key` (e.g. before the driver was killed), so none is duplicated."""
