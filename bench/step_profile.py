@@ -108,8 +108,8 @@ def whole_step(loop, stage, batches) -> float:
     return time.perf_counter() - start
 
 
-def matmul_gflops(m: int, k: int, n: int, seconds: float = 0.5) -> float:
-    a, b = torch.randn(m, k), torch.randn(k, n)
+def matmul_gflops(m: int, k: int, n: int, seconds: float = 0.5, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     for _ in range(3):
         a @ b
     count, start = 0, time.perf_counter()
@@ -184,6 +184,8 @@ def main() -> None:
             "square_best": max(matmul_gflops(n, n, n, 0.3 if smallest else 1.0) for n in (512, 1024, 2048)),
             f"projection_{tokens}x{hidden}x{4 * hidden}": matmul_gflops(tokens, hidden, 4 * hidden, 0.3 if smallest else 1.0),
         }
+        # what bf16 autocast (figure 1) can reach on this device, for context
+        bf16_projection = matmul_gflops(tokens, hidden, 4 * hidden, 0.3 if smallest else 1.0, torch.bfloat16)
     peak = peaks["square_best"]
     achieved = flops_per_step / step_time / 1e9
     figures = {
@@ -203,6 +205,7 @@ def main() -> None:
         "achieved_gflops": round(achieved, 1),
         "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
         "fraction_of_matmul_peak": round(achieved / peak, 3),
+        "bf16_matmul_gflops_projection": round(bf16_projection, 1),
         "adamw_step_ms": optimizer_ms,
         "student_parameters": sum(p.numel() for p in student.parameters()),
         "evaluation_seconds": round(eval_s, 3),

@@ -155,7 +155,7 @@ def ours_first_loss(setup: Setup, precision: str = "no") -> float:
     from trainables.distiller import Distiller, Term, plan_stages
     from trainables.models import forward_view
     from trainables.objectives import REGISTRY
-    from trainables.run import choose_precision, cpu_has_native_bf16
+    from trainables.run import precision_here
 
     cfg = setup.cfg
     terms = [Term(REGISTRY[o.name], o.weight, REGISTRY[o.name].parse_params(o.params)) for o in cfg.objectives]
@@ -163,9 +163,7 @@ def ours_first_loss(setup: Setup, precision: str = "no") -> float:
     distiller = Distiller(setup.fresh_student().eval(), {}, setup.pairs, False, False)
     columns = setup.data.train[setup.batches[0]]
     batch = to_device(setup.collate([dict(zip(columns, values)) for values in zip(*columns.values())]))
-    on_gpu = torch.cuda.is_available()
-    native = torch.cuda.is_bf16_supported() if on_gpu else cpu_has_native_bf16()
-    chosen = choose_precision(cfg.training.model_copy(update={"mixed_precision": precision}), on_gpu, native)
+    chosen = precision_here(cfg.training.model_copy(update={"mixed_precision": precision}))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(chosen)
     with torch.no_grad(), torch.autocast(device().type, dtype=dtype, enabled=dtype is not None):
         teacher_view = forward_view(setup.teacher, batch, need_qkv=stage.needs_qkv)
@@ -520,16 +518,10 @@ def torchdistill_first_loss(setup: Setup) -> float:
 RUNS = ("ours", "ours_fp32", "torchdistill", "torchdistill_fused", "plain")
 
 
-def precision_of_our_default() -> str:
-    from trainables.config import TrainingConfig
-    from trainables.run import choose_precision, cpu_has_native_bf16
-
-    on_gpu = torch.cuda.is_available()
-    native = torch.cuda.is_bf16_supported() if on_gpu else cpu_has_native_bf16()
-    return choose_precision(TrainingConfig(), on_gpu, native)
-
-
 def main() -> None:
+    from trainables.config import TrainingConfig
+    from trainables.run import precision_here
+
     args = common.parse_args(NAME, __doc__, extra_args)
     started = time.perf_counter()
     smallest = args.size == "smallest"
@@ -581,7 +573,7 @@ def main() -> None:
             "batch_size": cfg.training.per_device_train_batch_size, "max_seq_length": cfg.training.max_seq_length,
             "mean_padded_length": round(setup.mean_tokens, 1), "warmup_steps": warmup, "timed_steps": steps,
             "repeats": repeats, "torchdistill": import_torchdistill().__version__,
-            "precision": {"ours": precision_of_our_default(), "others": "fp32"},
+            "precision": {"ours": precision_here(TrainingConfig()), "others": "fp32"},
             "adamw": {"ours": "fused", "ours_fp32": "fused", "plain": "fused", "torchdistill": "torch default",
                       "torchdistill_fused": "fused"},
         },

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ["throughput", "step_profile", "padding", "teacher_cache", "packing", "early_stopping"]
+BENCHMARKS = ["throughput", "precision", "step_profile", "padding", "teacher_cache", "packing", "early_stopping"]
 
 
 @pytest.fixture(scope="module")

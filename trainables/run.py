@@ -91,14 +91,20 @@ def distill(
 
 def make_accelerator(training: TrainingConfig) -> Accelerator:
     on_gpu = torch.cuda.is_available()
-    native = torch.cuda.is_bf16_supported() if on_gpu else cpu_has_native_bf16()
-    precision = choose_precision(training, on_gpu, native)
+    precision = precision_here(training)
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision") != precision:
         # Accelerate keeps one precision per process, but one process may train runs of several:
         # a reused Tune worker, a benchmark. The process group (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=precision, cpu=not on_gpu)
+
+
+def precision_here(training: TrainingConfig) -> str:
+    """Accelerate's mixed_precision for `training` on this machine's device."""
+    on_gpu = torch.cuda.is_available()
+    native = torch.cuda.is_bf16_supported() if on_gpu else cpu_has_native_bf16()
+    return choose_precision(training, on_gpu, native)
 
 
 def cpu_has_native_bf16() -> bool:
