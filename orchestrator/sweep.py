@@ -16,6 +16,7 @@ from typing import Any
 from orchestrator.config import Distribution, SweepSpec
 from orchestrator.demo import DEMO_TEACHER, resolve_demo_teacher
 from orchestrator.messages import UserError
+from orchestrator.metric_names import unknown_metric_message
 from orchestrator.spaces import OptunaSpace, check_space, label, tune_domain, tune_param_space
 from orchestrator.tracker import SweepTracker
 from orchestrator.tracking import default_tracking_uri, ensure_experiment
@@ -129,6 +130,9 @@ def first_line(err: BaseException) -> str:
 
 def validate(spec: SweepSpec) -> list[RunConfig]:
     """Everything that can be checked without starting Ray or training anything."""
+    problem = unknown_metric_message(spec)
+    if problem:
+        raise UserError(problem)
     if spec.search.multi_objective and spec.scheduler.type != "none":
         raise UserError(
             f"scheduler.type {spec.scheduler.type}: early stopping needs one metric, but search.metric "

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from transformers import AutoModelForSequenceClassification
 
 from trainables.config import RunConfig
 from trainables.run import distill
@@ -40,6 +41,8 @@ def test_distillation_on_demo_data_lowers_distillation_loss_and_beats_chance(tin
     assert reports[-1]["train_att_kl"] < reports[0]["train_att_kl"]
     assert final["eval_accuracy"] > 0.65  # balanced binary task: chance is 0.5
     assert (tmp_path / "run" / "student" / "config.json").exists()
+    student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "student")
+    assert reports[-1]["student_parameters"] == sum(p.numel() for p in student.parameters())
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["score"] == final["score"]
 
 

@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.config import DISTRIBUTIONS, Resources, SchedulerConfig, SearchConfig, SweepSpec, TrackingConfig
+from orchestrator.metric_names import reported_metrics
 from trainables.config import MIX_KEY, FidelityConfig, RunConfig, StudentConfig, TrainingConfig
 from trainables.objectives import REGISTRY, Stage
 from trainables.tasks import KNOWN_TASKS
@@ -613,6 +614,14 @@ def metrics_and_modes_disagree(draw: Draw, spec: dict[str, Any]) -> list[str]:
     modes = draw(st.lists(st.sampled_from(["max", "min"]), max_size=3).filter(lambda m: len(m) != len(metrics)))
     spec["search"].update(algorithm="optuna", metric=metrics, mode=modes[0] if len(modes) == 1 else modes)
     return ["search.metric"]
+
+
+@mutation
+def metric_no_trial_reports(draw: Draw, spec: dict[str, Any]) -> list[str]:
+    name = draw(WORDS.filter(lambda w: w not in reported_metrics()))
+    single_metric(spec)
+    spec["search"]["metric"] = name
+    return [f"search.metric {name!r} is not a metric trials report"]
 
 
 @mutation

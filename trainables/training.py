@@ -168,6 +168,8 @@ class DistillationLoop:
             self.teacher.train(teacher_dropout)
             self.teacher.requires_grad_(False)
         self._lengths = [len(ids) for ids in data.train["input_ids"]]
+        # a second objective for multi-objective searches (accuracy against size)
+        self.student_parameters = sum(p.numel() for p in accelerator.unwrap_model(self.distiller).student.parameters())
         self._build_optimizer()
 
     # --- schedule ----------------------------------------------------------------------------
@@ -401,6 +403,7 @@ class DistillationLoop:
             epoch=p.epoch + p.batches_in_epoch / self.micro_batches_per_epoch,
             best_score=p.best_score,
             peak_memory_mb=peak_memory_mb(self.accelerator.device),
+            student_parameters=self.student_parameters,
         )
         checkpoint = self.save_checkpoint() if save else None
         last = p.stage_index == len(self.stages) - 1 and p.stage_step == self.steps_per_stage

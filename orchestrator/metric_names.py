@@ -1,0 +1,35 @@
+"""The metric names trials report, so a misspelt `search.metric` or `scheduler.time_attr` is refused
+before Ray starts rather than failing every trial (or silently never stopping one) after."""
+
+from __future__ import annotations
+
+from orchestrator.config import SweepSpec
+from trainables.metrics import METRICS
+from trainables.objectives import REGISTRY
+
+# What `DistillationLoop._report` adds to every evaluation, and what Tune adds to every result.
+LOOP_METRICS = {"score", "best_score", "step", "epoch", "stage", "examples_per_second", "learning_rate",
+                "peak_memory_mb", "student_parameters", "eval_loss", "train_loss", "train_ce"}
+TUNE_METRICS = {"training_iteration", "time_total_s", "time_this_iter_s", "timesteps_total"}
+TIME_ATTRS = {"training_iteration", "time_total_s", "step", "epoch"}
+
+
+def reported_metrics() -> set[str]:
+    terms = set(REGISTRY)
+    return (LOOP_METRICS | TUNE_METRICS | {f"eval_{m}" for m in METRICS}
+            | {f"train_{t}" for t in terms} | {f"eval_{t}" for t in terms})
+
+
+def unknown_metric_message(spec: SweepSpec) -> str | None:
+    """Why the spec names a metric no trial reports, or None when every name is known."""
+    known = reported_metrics()
+    metrics = spec.search.metric if isinstance(spec.search.metric, list) else [spec.search.metric]
+    for name in metrics:
+        if name not in known:
+            return (f"search.metric {name!r} is not a metric trials report; use score (the task's main "
+                    f"metric), eval_<metric> ({', '.join(sorted('eval_' + m for m in METRICS))}), eval_loss, "
+                    "train_loss or train_<objective>")
+    if spec.scheduler.type != "none" and spec.scheduler.time_attr not in TIME_ATTRS:
+        return (f"scheduler.time_attr {spec.scheduler.time_attr!r} is not a counter trials report; "
+                f"use one of {', '.join(sorted(TIME_ATTRS))}")
+    return None
