@@ -58,7 +58,7 @@ def representative_assignments(spec: SweepSpec) -> list[dict[str, Any]]:
     return [dict(first, **{k: v}) for k, values in zip(keys, options) for v in values]
 
 
-def check_space(spec: SweepSpec, teacher_shape: Callable[[RunConfig], tuple[int, int]]) -> list[RunConfig]:
+def check_space(spec: SweepSpec, teacher_shape: Callable[[RunConfig], tuple[int, int, int]]) -> list[RunConfig]:
     """Validate every representative trial config; raise one error naming the space entries."""
     check_base_objectives(spec.base)
     for key in spec.space:
@@ -85,7 +85,7 @@ def check_space(spec: SweepSpec, teacher_shape: Callable[[RunConfig], tuple[int,
 def checked_config(
     template: TrialTemplate,
     assignment: dict[str, Any],
-    teacher_shape: Callable[[RunConfig], tuple[int, int]],
+    teacher_shape: Callable[[RunConfig], tuple[int, int, int]],
     where: str,
 ) -> RunConfig:
     """One trial's config, checked against its teacher and task; errors say which draw made it."""

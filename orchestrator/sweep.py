@@ -95,16 +95,16 @@ def teacher_source(spec: SweepSpec, cfg: RunConfig) -> str:
 
 
 # (layers, heads) of the hub teachers the study uses, for checking spaces where the hub is out of reach.
-KNOWN_TEACHERS = {
-    "roberta-base": (12, 12), "FacebookAI/roberta-base": (12, 12),
-    "roberta-large": (24, 16), "FacebookAI/roberta-large": (24, 16),
-    "bert-base-uncased": (12, 12), "google-bert/bert-base-uncased": (12, 12),
-    "bert-large-uncased": (24, 16), "google-bert/bert-large-uncased": (24, 16),
+KNOWN_TEACHERS = {  # (layers, heads, width)
+    "roberta-base": (12, 12, 768), "FacebookAI/roberta-base": (12, 12, 768),
+    "roberta-large": (24, 16, 1024), "FacebookAI/roberta-large": (24, 16, 1024),
+    "bert-base-uncased": (12, 12, 768), "google-bert/bert-base-uncased": (12, 12, 768),
+    "bert-large-uncased": (24, 16, 1024), "google-bert/bert-large-uncased": (24, 16, 1024),
 }
 
 
-def teacher_shape(source: str) -> tuple[int, int]:
-    """(layers, heads) of a teacher from its config alone, without loading weights."""
+def teacher_shape(source: str) -> tuple[int, int, int]:
+    """(layers, heads, width) of a teacher from its config alone, without loading weights."""
     from transformers import AutoConfig
 
     from trainables.models import resolve_model_source
@@ -115,7 +115,7 @@ def teacher_shape(source: str) -> tuple[int, int]:
         if source in KNOWN_TEACHERS:
             return KNOWN_TEACHERS[source]
         raise ValueError(f"teacher {source!r}: cannot read its config ({first_line(err)})") from None
-    return config.num_hidden_layers, config.num_attention_heads
+    return config.num_hidden_layers, config.num_attention_heads, config.hidden_size
 
 
 def last_line(err: BaseException) -> str:
@@ -146,12 +146,12 @@ def validate(spec: SweepSpec) -> list[RunConfig]:
         isinstance(v, Distribution) and v.kind != "grid" for v in spec.space.values()
     ):
         raise UserError("search.algorithm grid tries grid entries only: use random or optuna for distributions")
-    shapes: dict[str, tuple[int, int]] = {}
+    shapes: dict[str, tuple[int, int, int]] = {}
 
-    def shape(cfg: RunConfig) -> tuple[int, int]:
+    def shape(cfg: RunConfig) -> tuple[int, int, int]:
         source = teacher_source(spec, cfg)
         if source.startswith(("models:/", "runs:/")):
-            return 10**6, 0  # read at trial start, where the run checks it
+            return 10**6, 0, 0  # read at trial start, where the run checks it
         if source not in shapes:
             shapes[source] = teacher_shape(source)
         return shapes[source]

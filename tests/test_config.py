@@ -102,3 +102,21 @@ def test_load_run_config_applies_dotted_overrides(tmp_path: Path) -> None:
     path.write_text("teacher: t\ntask: rte\ntraining:\n  seed: 1\n")
     cfg = load_run_config(path, {"training.learning_rate": 3e-4, "student.init": "lower"})
     assert cfg.training.learning_rate == 3e-4 and cfg.training.seed == 1 and cfg.student.init == "lower"
+
+
+@pytest.mark.parametrize(
+    ("student", "relation_heads", "problem"),
+    [
+        ({"init": "skip"}, 10, "must divide the teacher's width 768"),
+        ({"init": "random", "hidden_size": 200, "num_attention_heads": 4}, None, "12: must divide the student's width 200"),
+        ({"init": "random", "hidden_size": 200, "num_attention_heads": 4}, 8, None),  # 8 divides 768 and 200
+    ],
+)
+def test_minilm_v2_relation_heads_must_divide_both_widths(student, relation_heads, problem) -> None:
+    objective = {"name": "minilm_v2", **({"relation_heads": relation_heads} if relation_heads else {})}
+    cfg = RunConfig.model_validate({**BASE, "student": {"num_layers": 4, **student}, "objectives": [objective]})
+    if problem is None:
+        check_against_teacher(cfg, teacher_layers=12, teacher_heads=12, teacher_width=768)
+    else:
+        with pytest.raises(ValueError, match=problem):
+            check_against_teacher(cfg, teacher_layers=12, teacher_heads=12, teacher_width=768)

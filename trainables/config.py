@@ -317,8 +317,13 @@ class PretrainConfig(StrictModel):
         return {max(1, round(f * self.training.max_steps)) for f in self.save_fractions}
 
 
-def check_against_teacher(cfg: RunConfig | PretrainConfig, teacher_layers: int, teacher_heads: int) -> None:
-    """Reject settings that the teacher's architecture makes impossible, naming the field."""
+def check_against_teacher(
+    cfg: RunConfig | PretrainConfig, teacher_layers: int, teacher_heads: int, teacher_width: int = 0
+) -> None:
+    """Reject settings that the teacher's architecture makes impossible, naming the field.
+
+    A width of 0 means not known yet (a teacher from an MLflow URI): its checks wait for the run.
+    """
     last = teacher_layers - 1
     init = cfg.student.init
     if cfg.student.num_layers > teacher_layers and not isinstance(init, PretrainedInit) and init != "random":
@@ -337,6 +342,15 @@ def check_against_teacher(cfg: RunConfig | PretrainConfig, teacher_layers: int, 
                 f"{student_heads} heads and the teacher {teacher_heads}: set student.num_attention_heads "
                 f"to {teacher_heads} or choose another objective"
             )
+        relation_heads = spec.params.get("relation_heads") or teacher_heads
+        if spec.name == "minilm_v2" and teacher_width:
+            widths = {"teacher": teacher_width, "student": cfg.student.hidden_size or teacher_width}
+            for side, width in widths.items():
+                if width % relation_heads:
+                    raise ValueError(
+                        f"objectives minilm_v2 relation_heads {relation_heads}: must divide the {side}'s "
+                        f"width {width}; choose a common divisor of {widths['teacher']} and {widths['student']}"
+                    )
 
 
 def load_run_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfig:

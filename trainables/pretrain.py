@@ -38,7 +38,7 @@ def pretrain(
     tokenizer = AutoTokenizer.from_pretrained(source)
     teacher = load_masked_lm_teacher(source)
     teacher_layers = len(encoder_layers(teacher))
-    check_against_teacher(cfg, teacher_layers, teacher.config.num_attention_heads)
+    check_against_teacher(cfg, teacher_layers, teacher.config.num_attention_heads, teacher.config.hidden_size)
 
     set_seed(cfg.training.seed)
     student = build_student(teacher, cfg.student, num_labels=2, auto_class=AutoModelForMaskedLM)

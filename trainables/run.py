@@ -56,7 +56,7 @@ def distill(
         tokenizer = AutoTokenizer.from_pretrained(teacher_source)
         teacher = load_teacher(teacher_source, spec.num_labels)
         teacher_layers = len(encoder_layers(teacher))
-        check_against_teacher(cfg, teacher_layers, teacher.config.num_attention_heads)
+        check_against_teacher(cfg, teacher_layers, teacher.config.num_attention_heads, teacher.config.hidden_size)
 
         set_seed(cfg.training.seed)
         student = build_student(teacher, cfg.student, spec.num_labels)
