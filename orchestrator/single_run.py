@@ -34,7 +34,7 @@ def run_single(
         return distill(cfg, reporter, resume, on_step)
 
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
 
     uri = tracking_uri or default_tracking_uri()
     client = MlflowClient(uri)
