@@ -342,8 +342,8 @@ def check_against_teacher(
                 f"{student_heads} heads and the teacher {teacher_heads}: set student.num_attention_heads "
                 f"to {teacher_heads} or choose another objective"
             )
-        relation_heads = spec.params.get("relation_heads") or teacher_heads
         if spec.name == "minilm_v2" and teacher_width:
+            relation_heads = spec.params.get("relation_heads") or teacher_heads
             widths = {"teacher": teacher_width, "student": cfg.student.hidden_size or teacher_width}
             for side, width in widths.items():
                 if width % relation_heads:
