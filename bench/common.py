@@ -159,30 +159,6 @@ def rounded(value: float, digits: int = 3) -> float:
 # --- teachers -----------------------------------------------------------------------------------
 
 
-def tiny_base(cache_dir: Path | None = None) -> Path:
-    """An untrained 4-layer, 64-wide BERT with the MiniLM tokenizer (saved once)."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from trainables.data import cache_root
-    from trainables.demo import demo_teacher_base
-
-    base = cache_root(cache_dir) / "bench" / "tiny-bert-base"
-    if not (base / "config.json").exists():
-        torch.manual_seed(0)
-        config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                            intermediate_size=128, max_position_embeddings=128, num_labels=2)
-        tmp = base.with_name(base.name + f".tmp-{os.getpid()}")
-        BertForSequenceClassification(config).save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(demo_teacher_base()).save_pretrained(tmp)
-        try:
-            tmp.rename(base)
-        except OSError:
-            if not (base / "config.json").exists():
-                raise
-    return base
-
-
 def finetuned_teacher(size: str, task: Any = "demo", max_seq_length: int = 64, cache_dir: Path | None = None) -> Path:
     """A teacher fine-tuned on `task` (cached by request): MiniLM-L6 at default, the tiny BERT at smallest."""
     from trainables.config import TrainingConfig
@@ -190,7 +166,7 @@ def finetuned_teacher(size: str, task: Any = "demo", max_seq_length: int = 64, c
     from trainables.teacher import TeacherRequest, finetune_teacher
 
     if size == "smallest":
-        base = tiny_base(cache_dir)
+        base = random_teacher("smallest", cache_dir)
         training = TrainingConfig(learning_rate=1e-3, num_train_epochs=4, per_device_train_batch_size=32,
                                   max_seq_length=min(max_seq_length, 48), eval_steps=50, warmup_ratio=0.1)
     else:
@@ -231,7 +207,8 @@ def teacher_for(size: str, cache_dir: Path | None = None, random_weights: bool =
 
 
 TEACHER_SHAPES = {  # BertConfig fields per size: the tiny test BERT, MiniLM-L6, BERT-base
-    "smallest": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 128},
+    "smallest": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 128,
+                 "max_position_embeddings": 128},
     "default": {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536},
     "paper": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
 }
@@ -255,11 +232,15 @@ def random_teacher(size: str, cache_dir: Path | None = None) -> Path:
     base = cache_root(cache_dir) / "bench" / f"random-teacher-{size}"
     if not (base / "config.json").exists():
         torch.manual_seed(0)
-        config = BertConfig(vocab_size=30522, max_position_embeddings=512, num_labels=2, **TEACHER_SHAPES[size])
+        config = BertConfig(vocab_size=30522, num_labels=2, **{"max_position_embeddings": 512, **TEACHER_SHAPES[size]})
         tmp = base.with_name(base.name + f".tmp-{os.getpid()}")
         BertForSequenceClassification(config).save_pretrained(tmp)
         AutoTokenizer.from_pretrained(tokenizer_source()).save_pretrained(tmp)
-        tmp.rename(base)
+        try:
+            tmp.rename(base)
+        except OSError:  # another process saved it first
+            if not (base / "config.json").exists():
+                raise
     return base
 
 

@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainables.training import adamw_implementation, param_groups
+
 NAME = "throughput"
 
 
@@ -107,8 +109,6 @@ class Setup:
         """AdamW with decay / no-decay groups and a linear warm-up schedule, as our loop builds them."""
         from transformers import get_scheduler
 
-        from trainables.training import adamw_implementation
-
         t = self.cfg.training
         groups = param_groups(model, t.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
@@ -116,17 +116,6 @@ class Setup:
         scheduler = get_scheduler("linear", optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * self.total_steps),
                                   num_training_steps=self.total_steps)
         return optimizer, scheduler
-
-
-NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "LayerNorm.bias")
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [
-        {"params": [p for n, p in named if not n.endswith(NO_DECAY)], "weight_decay": weight_decay},
-        {"params": [p for n, p in named if n.endswith(NO_DECAY)], "weight_decay": 0.0},
-    ]
 
 
 # --- ours ---------------------------------------------------------------------------------------

@@ -116,7 +116,17 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "LayerNorm.bias")
 FUSED_ADAMW_DEVICES = frozenset({"cpu", "cuda"})
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in a decayed group and a no-decay group (biases, LayerNorm weights)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [
+        {"params": [p for n, p in named if not n.endswith(NO_DECAY)], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if n.endswith(NO_DECAY)], "weight_decay": 0.0},
+    ]
 
 
 def adamw_implementation(params: list[torch.Tensor]) -> dict[str, bool]:
@@ -193,15 +203,10 @@ class DistillationLoop:
     def _build_optimizer(self) -> None:
         """A fresh AdamW and schedule per stage, as the study resets them between stages."""
         t = self.training
-        no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "LayerNorm.bias")
-        named = [(n, p) for n, p in self.distiller.named_parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": t.weight_decay},
-            {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0},
-        ]
+        groups = param_groups(self.distiller, t.weight_decay)
         self.optimizer = torch.optim.AdamW(
             groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
-            **adamw_implementation([p for _, p in named]),
+            **adamw_implementation([p for g in groups for p in g["params"]]),
         )
         total = self.steps_per_stage
         self.scheduler = get_scheduler(
