@@ -248,16 +248,16 @@ def status(sweep_dir: Annotated[Path, typer.Argument(help="the sweep folder")]) 
     from orchestrator.status import trial_statuses
 
     table = Table(title=str(sweep_dir))
-    for column in ("trial", "state", "objective mix", "init", "task", "seed", "step", "score"):
+    for column in ("trial", "state", "outcome", "objective mix", "init", "task", "seed", "step", "score"):
         table.add_column(column)
     rows = trial_statuses(sweep_dir)
     for row in rows:
-        table.add_row(*(str(row[c]) for c in ("trial", "state", "objective_mix", "init", "task", "seed", "step", "score")))
+        table.add_row(*(str(row[c]) for c in ("trial", "state", "outcome", "objective_mix", "init", "task", "seed", "step", "score")))
     Console().print(table)
     counts: dict[str, int] = {}
     for row in rows:
-        counts[row["state"]] = counts.get(row["state"], 0) + 1
-    Console().print(", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items())))
+        counts[row["outcome_kind"]] = counts.get(row["outcome_kind"], 0) + 1
+    Console().print(", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())))
 
 
 @app.command()
@@ -291,6 +291,9 @@ def study(
 def report(
     sweep_dir: Annotated[Path, typer.Argument(help="the sweep folder")],
     value: Annotated[str, typer.Option(help="best_score (best evaluation) or final_score")] = "best_score",
+    include_stopped: Annotated[
+        bool, typer.Option(help="average early-stopped trials into the cells too, at the step they reached")
+    ] = False,
 ) -> None:
     """Print and save the study's table (Markdown and CSV) and log it to the sweep's MLflow run."""
     from orchestrator.status import build_report
@@ -304,7 +307,7 @@ def report(
 
     if value not in ("best_score", "final_score"):
         raise UserError(f"--value {value!r}: expected best_score or final_score")
-    md_path, csv_path, markdown, logged = build_report(sweep_dir, value)
+    md_path, csv_path, markdown, logged = build_report(sweep_dir, value, include_stopped)
     Console().print(markdown)
     console.print(f"saved {md_path} and {csv_path}" + ("; logged to MLflow" if logged else ""))
 

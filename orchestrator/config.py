@@ -93,7 +93,11 @@ class SearchConfig(StrictModel):
 
 class SchedulerConfig(StrictModel):
     type: Literal["none", "asha", "median", "pbt"] = "none"
-    time_attr: str = "training_iteration"
+    time_attr: str = Field(
+        default="prediction_step",
+        description="the counter max_t, grace_period and perturbation_interval are in: prediction_step is the "
+        "optimiser steps of the stage that trains the prediction layer (all steps of a one-stage trial)",
+    )
     max_t: int = Field(default=100, ge=1)
     grace_period: int = Field(default=1, ge=1)
     reduction_factor: float = Field(default=2.0, gt=1.0)

@@ -8,10 +8,11 @@ from trainables.metrics import METRICS
 from trainables.objectives import REGISTRY
 
 # What `DistillationLoop._report` adds to every evaluation, and what Tune adds to every result.
-LOOP_METRICS = {"score", "best_score", "step", "epoch", "stage", "examples_per_second", "learning_rate",
-                "peak_memory_mb", "student_parameters", "eval_loss", "train_loss", "train_ce"}
+LOOP_METRICS = {"score", "best_score", "step", "prediction_step", "total_steps", "epoch", "stage",
+                "examples_per_second", "learning_rate", "peak_memory_mb", "student_parameters", "eval_loss",
+                "eval_intermediate_loss", "train_loss", "train_ce"}
 TUNE_METRICS = {"training_iteration", "time_total_s", "time_this_iter_s", "timesteps_total"}
-TIME_ATTRS = {"training_iteration", "time_total_s", "step", "epoch"}
+TIME_ATTRS = {"prediction_step", "training_iteration", "time_total_s", "step", "epoch"}
 
 
 def reported_metrics() -> set[str]:

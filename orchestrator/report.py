@@ -1,20 +1,33 @@
-"""Paper-style tables from a finished sweep: objective x initialisation, mean and std over seeds.
+"""Paper-style tables from a sweep: objective x initialisation, mean and std over seeds.
 
 Reads what the trials reported (Tune's per-trial `result.json`), so the numbers in the table are
 exactly the numbers the trials reported; MLflow receives the same tables as artifacts.
+
+A cell compares like with like: one configuration (every varied key but the seed), and by
+default only trials that trained their whole budget. Early-stopped, failed and unfinished trials
+are counted beside the cell and listed below the table, never averaged into it.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from orchestrator.outcome import OUTCOME_FILE, TrialOutcome, trial_outcome
+from orchestrator.tracking import flatten
 from trainables.config import TrialTemplate
+
+# Keys that never make two trials different configurations: the seed is what a cell averages over,
+# paths are where a trial ran. Mix and init are the table's own rows and columns.
+NOT_A_SETTING = ("training.seed", "output_dir", "cache_dir")
+TABLE_AXES = ("objectives", "student.init")
+COUNTED = ("stopped", "failed", "diverged", "running", "pending")
 
 
 @dataclass(frozen=True)
@@ -24,65 +37,155 @@ class TrialRecord:
     objective_mix: str
     init: str
     seed: int
-    final_score: float
-    best_score: float
+    outcome: TrialOutcome
+    final_score: float | None
+    best_score: float | None
     steps: int
-    config: dict[str, Any]
+    setting: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def tune_trial_states(folder: Path) -> dict[str, str]:
+    """trial id -> Tune status from the newest experiment state file."""
+    files = sorted(folder.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return {}
+    data = json.loads(files[-1].read_text())
+    states = {}
+    for trial_json, _runtime in data.get("trial_data", []):
+        trial = json.loads(trial_json)
+        states[trial["trial_id"]] = trial["status"]
+    return states
+
+
+def read_outcome(trial_dir: Path, tune_status: str, last_result: dict[str, Any] | None) -> TrialOutcome:
+    """The outcome the tracker wrote when the trial ended, else derived from what is on disk."""
+    written = trial_dir / OUTCOME_FILE
+    if written.exists() and tune_status in ("TERMINATED", "ERROR", "UNKNOWN"):
+        data = json.loads(written.read_text())
+        return TrialOutcome(data["outcome"], data["step"], data["total_steps"], data.get("error", ""))
+    error_file = trial_dir / "error.txt"
+    error = ""
+    if error_file.exists():
+        lines = [ln.strip() for ln in error_file.read_text().splitlines() if ln.strip()]
+        error = lines[-1] if lines else "unknown error"
+    return trial_outcome(tune_status, last_result, error)
 
 
 def read_trials(experiment_dir: Path, template: TrialTemplate) -> list[TrialRecord]:
-    """One record per trial folder that reported at least one evaluation."""
+    """One record per trial folder, whatever its outcome; scores from prediction-stage rows only."""
+    states = tune_trial_states(experiment_dir)
     records = []
     for params_file in sorted(experiment_dir.glob("*/params.json")):
         results_file = params_file.with_name("result.json")
-        if not results_file.exists():
+        rows = []
+        if results_file.exists():
+            rows = [json.loads(line) for line in results_file.read_text().splitlines() if line.strip()]
+        trial_id = rows[-1]["trial_id"] if rows else trial_id_of(params_file.parent.name, states)
+        if trial_id is None:
             continue
-        rows = [json.loads(line) for line in results_file.read_text().splitlines() if line.strip()]
-        rows = [r for r in rows if "score" in r]
-        if not rows:
-            continue
+        scored = [r for r in rows if "score" in r]
         drawn = json.loads(params_file.read_text())
-        config = template.decode(drawn)
         cfg = template.resolve(drawn)
-        last = max(rows, key=lambda r: r.get("step", 0))
+        last = max(rows, key=lambda r: r.get("step", 0)) if rows else None
+        last_scored = max(scored, key=lambda r: r.get("step", 0)) if scored else None
         records.append(
             TrialRecord(
-                trial_id=rows[-1].get("trial_id", params_file.parent.name),
-                task=cfg.task if isinstance(cfg.task, str) else cfg.task.name,
+                trial_id=trial_id,
+                task=cfg.task_name,
                 objective_mix=cfg.objective_mix,
                 init=cfg.student.init_name,
                 seed=cfg.training.seed,
-                final_score=float(last["score"]),
-                best_score=float(max(r["score"] for r in rows)),
-                steps=int(last.get("step", 0)),
-                config=config,
+                outcome=read_outcome(params_file.parent, states.get(trial_id, "UNKNOWN"), last),
+                final_score=float(last_scored["score"]) if last_scored else None,
+                best_score=float(max(r["score"] for r in scored)) if scored else None,
+                steps=int(last.get("step", 0)) if last else 0,
+                setting=configuration(cfg.model_dump(mode="json")),
+                config=template.decode(drawn),
             )
         )
     return records
 
 
-def study_tables(records: list[TrialRecord], value: str = "best_score") -> dict[str, pd.DataFrame]:
-    """Per task: rows = objective mix, columns = initialisation, cells = 'mean ± std (n)'."""
-    frame = pd.DataFrame([r.__dict__ for r in records])
+def trial_id_of(folder_name: str, states: dict[str, str]) -> str | None:
+    """A trial that never reported: its id is part of Tune's folder name."""
+    return next((trial_id for trial_id in states if trial_id in folder_name), None)
+
+
+def configuration(resolved: dict[str, Any]) -> dict[str, str]:
+    return {k: str(v) for k, v in flatten(resolved).items() if k not in NOT_A_SETTING}
+
+
+def split_keys(records: list[TrialRecord]) -> list[str]:
+    """Keys whose values differ between trials of one (task, objective mix, init) besides the seed:
+    each value of them is a configuration of its own, so a row of its own."""
+    groups: dict[tuple[str, str, str], list[dict[str, str]]] = defaultdict(list)
+    for record in records:
+        groups[(record.task, record.objective_mix, record.init)].append(record.setting)
+    keys: set[str] = set()
+    for settings in groups.values():
+        for key in set().union(*settings):
+            if len({s.get(key) for s in settings}) > 1:
+                keys.add(key)
+    return sorted(k for k in keys if k not in TABLE_AXES)
+
+
+def row_label(record: TrialRecord, keys: list[str]) -> str:
+    if not keys:
+        return record.objective_mix
+    return record.objective_mix + " | " + ", ".join(f"{k}={record.setting.get(k, '-')}" for k in keys)
+
+
+def in_cell(record: TrialRecord, value: str, include_stopped: bool) -> bool:
+    kinds = ("completed", "stopped") if include_stopped else ("completed",)
+    return record.outcome.kind in kinds and getattr(record, value) is not None
+
+
+def cell_stats(records: list[TrialRecord], value: str, include_stopped: bool) -> dict[str, Any]:
+    scores = [getattr(r, value) for r in records if in_cell(r, value, include_stopped)]
+    counts = {kind: sum(r.outcome.kind == kind for r in records) for kind in COUNTED}
+    mean = sum(scores) / len(scores) if scores else math.nan
+    std = pd.Series(scores).std() if len(scores) > 1 else math.nan
+    return {"mean": mean, "std": std, "n": len(scores), **counts}
+
+
+def format_cell(stats: dict[str, Any], include_stopped: bool) -> str:
+    """'84.8 ± 1.2 (n=2, 1 stopped)'; 'no completed trial (2 stopped)' where nothing finished."""
+    extras = [f"{stats[kind]} {kind}" for kind in COUNTED if stats[kind]]
+    if include_stopped and stats["stopped"]:
+        extras = [f"incl. {stats['stopped']} stopped"] + [e for e in extras if not e.endswith(" stopped")]
+    if not stats["n"]:
+        return "no completed trial" + (f" ({', '.join(extras)})" if extras else "")
+    count = ", ".join([f"n={stats['n']}", *extras])
+    if stats["n"] < 2:
+        return f"{100 * stats['mean']:.1f} ({count})"
+    return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f} ({count})"
+
+
+def cells(records: list[TrialRecord], value: str, include_stopped: bool) -> pd.DataFrame:
+    """Long form: one row per (task, configuration, init) with its statistics."""
+    rows = []
+    for task in sorted({r.task for r in records}):
+        in_task = [r for r in records if r.task == task]
+        keys = split_keys(in_task)
+        groups: dict[tuple[str, str], list[TrialRecord]] = defaultdict(list)
+        for record in in_task:
+            groups[(row_label(record, keys), record.init)].append(record)
+        for (label, init), members in sorted(groups.items()):
+            rows.append({"task": task, "configuration": label, "init": init,
+                         **cell_stats(members, value, include_stopped)})
+    return pd.DataFrame(rows)
+
+
+def study_tables(records: list[TrialRecord], value: str = "best_score",
+                 include_stopped: bool = False) -> dict[str, pd.DataFrame]:
+    """Per task: rows = configuration (objective mix, plus any other varied key), columns = init."""
+    frame = cells(records, value, include_stopped)
     tables = {}
     for task, rows in frame.groupby("task"):
-        stats = rows.groupby(["objective_mix", "init"])[value].agg(["mean", "std", "count"])
-        cells = stats.apply(lambda s: format_cell(s["mean"], s["std"], int(s["count"])), axis=1)
-        tables[str(task)] = cells.unstack("init").fillna("")
+        shown = rows.assign(cell=[format_cell(s, include_stopped) for s in rows.to_dict("records")])
+        tables[str(task)] = shown.pivot(index="configuration", columns="init", values="cell").fillna("")
     return tables
-
-
-def format_cell(mean: float, std: float, count: int) -> str:
-    if count < 2 or math.isnan(std):
-        return f"{100 * mean:.1f} (n={count})"
-    return f"{100 * mean:.1f} ± {100 * std:.1f} (n={count})"
-
-
-def summary_frame(records: list[TrialRecord], value: str = "best_score") -> pd.DataFrame:
-    """Long form: one row per (task, objective mix, init) with mean, std, n, in metric units."""
-    frame = pd.DataFrame([r.__dict__ for r in records])
-    stats = frame.groupby(["task", "objective_mix", "init"])[value].agg(["mean", "std", "count"]).reset_index()
-    return stats.rename(columns={"count": "n"})
 
 
 def markdown_table(table: pd.DataFrame, corner: str) -> str:
@@ -93,31 +196,64 @@ def markdown_table(table: pd.DataFrame, corner: str) -> str:
     )
 
 
-def render_markdown(tables: dict[str, pd.DataFrame], best: TrialRecord, value: str) -> str:
-    lines = [f"# Sweep report ({value.replace('_', ' ')} on the validation split, x100, mean ± std over seeds)", ""]
-    for task, table in tables.items():
-        lines += [f"## {task}", "", markdown_table(table, corner="objective \\ init"), ""]
-    lines += [
-        "## Best trial",
+def left_out(records: list[TrialRecord], value: str) -> list[str]:
+    """One line per trial that did not complete its budget: how it ended and what it had reached."""
+    lines = []
+    for record in sorted(records, key=lambda r: (r.task, r.objective_mix, r.init, r.seed)):
+        if record.outcome.kind == "completed":
+            continue
+        score = getattr(record, value)
+        reached = f"; {value.replace('_', ' ')} {100 * score:.1f} by then" if score is not None else ""
+        lines.append(f"- `{record.trial_id}` {record.task}, {record.objective_mix}, init {record.init}, "
+                     f"seed {record.seed}: {record.outcome.detail}{reached}")
+    return lines
+
+
+def render_markdown(records: list[TrialRecord], value: str, include_stopped: bool) -> str:
+    which = ("completed and early-stopped trials (stopped ones at the step they reached)" if include_stopped
+             else "trials that trained their whole budget")
+    lines = [
+        f"# Sweep report: {value.replace('_', ' ')} on the validation split (x100), mean ± std over seeds",
         "",
-        f"- trial `{best.trial_id}`: {best.task}, {best.objective_mix}, init {best.init}, seed {best.seed}",
-        f"- {value}: {getattr(best, value):.4f} after {best.steps} steps",
+        f"Cells hold {which}; n counts them. Each row is one configuration: trials in a cell differ "
+        "only in their seed. Trials stopped early, failed or unfinished are counted beside the cell "
+        "and listed below the table" + ("." if include_stopped else "; `--include-stopped` adds the stopped ones."),
         "",
     ]
+    for task, table in study_tables(records, value, include_stopped).items():
+        lines += [f"## {task}", "", markdown_table(table, corner="objective \\ init"), ""]
+    others = left_out(records, value)
+    if others:
+        title = "Trials that did not complete" if include_stopped else "Not in the cells"
+        lines += [f"## {title}", "", *others, ""]
+    candidates = [r for r in records if in_cell(r, value, include_stopped)]
+    lines += ["## Best trial", ""]
+    if candidates:
+        best = max(candidates, key=lambda r: getattr(r, value))
+        lines += [
+            f"- trial `{best.trial_id}`: {best.task}, {best.objective_mix}, init {best.init}, seed {best.seed}",
+            f"- {value}: {getattr(best, value):.4f}; {best.outcome.detail}",
+            "",
+        ]
+    else:
+        lines += ["- no trial has completed its budget yet", ""]
     return "\n".join(lines)
 
 
-def write_report(records: list[TrialRecord], out_dir: Path, value: str = "best_score") -> tuple[Path, Path, str]:
-    """Save report.md, report.csv and trials.csv; return the paths and the Markdown."""
+def write_report(records: list[TrialRecord], out_dir: Path, value: str = "best_score",
+                 include_stopped: bool = False) -> tuple[Path, Path, str]:
+    """Save report.md, report.csv (one row per cell) and trials.csv; return the paths and the Markdown."""
     if not records:
-        raise ValueError("no trial of this sweep has reported an evaluation yet")
-    best = max(records, key=lambda r: getattr(r, value))
-    markdown = render_markdown(study_tables(records, value), best, value)
+        raise ValueError("no trial of this sweep has started yet")
+    markdown = render_markdown(records, value, include_stopped)
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path, csv_path = out_dir / "report.md", out_dir / "report.csv"
     md_path.write_text(markdown)
-    summary_frame(records, value).to_csv(csv_path, index=False)
-    pd.DataFrame([{k: v for k, v in r.__dict__.items() if k != "config"} for r in records]).to_csv(
-        out_dir / "trials.csv", index=False
-    )
+    cells(records, value, include_stopped).to_csv(csv_path, index=False)
+    pd.DataFrame([
+        {"trial_id": r.trial_id, "task": r.task, "objective_mix": r.objective_mix, "init": r.init, "seed": r.seed,
+         "outcome": r.outcome.kind, "outcome_detail": r.outcome.detail, "steps": r.steps,
+         "final_score": r.final_score, "best_score": r.best_score}
+        for r in records
+    ]).to_csv(out_dir / "trials.csv", index=False)
     return md_path, csv_path, markdown

@@ -75,7 +75,7 @@ def check_space(spec: SweepSpec, teacher_shape: Callable[[RunConfig], tuple[int,
         for value in dist.representatives():  # PBT sets these on running trials
             where = f"scheduler.hyperparam_mutations.{key}={value!r}"
             checked_config(template, {**assignments[0], key: value}, teacher_shape, where)
-    tasks = {c.task if isinstance(c.task, str) else c.task.name for c in configs}
+    tasks = {c.task_name for c in configs}
     for task in spec.per_task:
         if task not in tasks:
             raise UserError(f"per_task.{task}: no trial of this sweep has task {task!r} (tasks: {sorted(tasks)})")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.messages import UserError
-from orchestrator.report import read_trials, write_report
+from orchestrator.report import read_trials, tune_trial_states, write_report
 from orchestrator.sweep import PENDING_FILE, SweepState
 from orchestrator.tracking import MlflowJournal
 
@@ -20,20 +20,8 @@ def experiment_dir(state: SweepState) -> Path:
     return Path(root) / spec.name
 
 
-def tune_trial_states(folder: Path) -> dict[str, str]:
-    """trial id -> Tune status from the newest experiment state file."""
-    files = sorted(folder.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        return {}
-    data = json.loads(files[-1].read_text())
-    states = {}
-    for trial_json, _runtime in data.get("trial_data", []):
-        trial = json.loads(trial_json)
-        states[trial["trial_id"]] = trial["status"]
-    return states
-
-
 def trial_statuses(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per trial: Tune's state, how it ended (or how far it is), its configuration and score."""
     state = SweepState.load(sweep_dir)
     folder = experiment_dir(state)
     states = tune_trial_states(folder)
@@ -45,22 +33,24 @@ def trial_statuses(sweep_dir: Path) -> list[dict[str, Any]]:
             {
                 "trial": trial_id,
                 "state": states.get(trial_id, "UNKNOWN"),
+                "outcome": record.outcome.detail if record else "pending",
+                "outcome_kind": record.outcome.kind if record else "pending",
                 "objective_mix": record.objective_mix if record else "",
                 "init": record.init if record else "",
                 "task": record.task if record else "",
                 "seed": record.seed if record else "",
                 "step": record.steps if record else 0,
-                "score": f"{record.final_score:.4f}" if record else "",
+                "score": f"{record.final_score:.4f}" if record and record.final_score is not None else "",
             }
         )
     return rows
 
 
-def build_report(sweep_dir: Path, value: str) -> tuple[Path, Path, str, bool]:
+def build_report(sweep_dir: Path, value: str, include_stopped: bool = False) -> tuple[Path, Path, str, bool]:
     """Write the report next to the sweep and log it to the sweep's MLflow parent run."""
     state = SweepState.load(sweep_dir)
     records = read_trials(experiment_dir(state), state.template)
-    md_path, csv_path, markdown = write_report(records, Path(state.sweep_dir) / "report", value)
+    md_path, csv_path, markdown = write_report(records, Path(state.sweep_dir) / "report", value, include_stopped)
     try:
         from mlflow import MlflowClient
 

@@ -17,12 +17,14 @@ from orchestrator.config import Distribution, SweepSpec
 from orchestrator.demo import DEMO_TEACHER, resolve_demo_teacher
 from orchestrator.messages import UserError
 from orchestrator.metric_names import unknown_metric_message
-from orchestrator.spaces import OptunaSpace, check_space, label, tune_domain, tune_param_space
+from orchestrator.search import STRICT_METRIC_CHECK, build_scheduler, build_search
+from orchestrator.spaces import check_space, label, tune_param_space
 from orchestrator.tracker import SweepTracker
 from orchestrator.tracking import default_tracking_uri, ensure_experiment
-from trainables.config import RunConfig, TrialTemplate
+from trainables.config import RunConfig, TrialTemplate, task_name_of
 
 STATE_FILE = "distillsweep.json"
+STAGE_BLIND_TIME_ATTRS = ("training_iteration", "step", "epoch")
 PENDING_FILE = "mlflow_pending.jsonl"
 
 
@@ -82,9 +84,8 @@ def tracking_uri_for(spec: SweepSpec) -> str:
 
 def teacher_source(spec: SweepSpec, cfg: RunConfig) -> str:
     """Where a trial's teacher architecture can be read before any teacher is fine-tuned."""
-    task = cfg.task if isinstance(cfg.task, str) else cfg.task.name
-    if task in spec.teachers:
-        return spec.teachers[task]
+    if cfg.task_name in spec.teachers:
+        return spec.teachers[cfg.task_name]
     if spec.teacher_finetune is not None:
         return spec.teacher_finetune.base_model
     if cfg.teacher == DEMO_TEACHER:
@@ -156,14 +157,28 @@ def validate(spec: SweepSpec) -> list[RunConfig]:
             shapes[source] = teacher_shape(source)
         return shapes[source]
 
-    return check_space(spec, shape)
+    configs = check_space(spec, shape)
+    problem = stage_blind_time_attr(spec, configs)
+    if problem:
+        raise UserError(problem)
+    return configs
+
+
+def stage_blind_time_attr(spec: SweepSpec, configs: list[RunConfig]) -> str | None:
+    """A scheduler counting stage-1 evaluations would judge two-stage trials early."""
+    if spec.scheduler.type == "none" or spec.scheduler.time_attr not in STAGE_BLIND_TIME_ATTRS:
+        return None
+    if not any(getattr(cfg, "two_stage", False) for cfg in configs):
+        return None
+    return (f"scheduler.time_attr {spec.scheduler.time_attr}: this sweep has two-stage trials, whose stage-1 "
+            "evaluations report no score, so this counter would compare them after less training of the "
+            "prediction layer than one-stage trials; use prediction_step (the default)")
 
 
 def teacher_tasks(configs: list[RunConfig]) -> list[Any]:
     tasks: dict[str, Any] = {}
     for cfg in configs:
-        name = cfg.task if isinstance(cfg.task, str) else cfg.task.name
-        tasks.setdefault(name, cfg.task)
+        tasks.setdefault(cfg.task_name, cfg.task)
     return list(tasks.values())
 
 
@@ -182,7 +197,7 @@ def prepare_teachers(spec: SweepSpec, configs: list[RunConfig]) -> dict[str, str
 
     requests = {}
     for task in teacher_tasks(configs):
-        name = task if isinstance(task, str) else task.name
+        name = task_name_of(task)
         if name in teachers:
             continue
         fields: dict[str, Any] = {
@@ -236,40 +251,6 @@ def init_ray(address: str | None, spec: SweepSpec, tracking_uri: str) -> None:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
         ray.init(include_dashboard=False, runtime_env={"env_vars": env})
-
-
-def build_search(spec: SweepSpec) -> Any:
-    if spec.search.algorithm != "optuna":
-        return None
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    if spec.search.multi_objective:
-        sampler = optuna.samplers.NSGAIISampler(seed=spec.search.seed)
-    else:
-        sampler = optuna.samplers.TPESampler(seed=spec.search.seed)
-    return OptunaSearch(
-        space=OptunaSpace(spec), metric=spec.search.metric, mode=spec.search.mode, sampler=sampler
-    )
-
-
-def build_scheduler(spec: SweepSpec) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule, PopulationBasedTraining
-
-    s = spec.scheduler
-    if s.type == "asha":
-        return ASHAScheduler(
-            time_attr=s.time_attr, max_t=s.max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor
-        )
-    if s.type == "median":
-        return MedianStoppingRule(time_attr=s.time_attr, grace_period=s.grace_period)
-    if s.type == "pbt":
-        return PopulationBasedTraining(
-            time_attr=s.time_attr,
-            perturbation_interval=s.perturbation_interval,
-            hyperparam_mutations={k: tune_domain(v) for k, v in s.hyperparam_mutations.items()},
-        )
-    return None
 
 
 def optuna_choices(spec: SweepSpec) -> dict[str, dict[str, Any]]:
@@ -379,6 +360,7 @@ def run_tuner(state: SweepState, address: str | None, restore: bool, retry_error
     from ray import tune
 
     spec = state.sweep_spec
+    os.environ[STRICT_METRIC_CHECK] = "1"  # metric names were checked before launch (metric_names)
     init_ray(address, spec, state.tracking_uri)
     tracker = SweepTracker(state.tracking_uri, state.experiment_id, state.parent_run_id, spec.name,
                            state.template, Path(state.sweep_dir) / PENDING_FILE,

@@ -16,10 +16,9 @@ from typing import Any
 
 from ray.tune import Callback
 
+from orchestrator.outcome import OUTCOME_FILE, TrialOutcome, trial_outcome
 from orchestrator.tracking import MlflowJournal, numeric_metrics, run_params, run_tags
 from trainables.config import TrialTemplate
-
-STATE_NAMES = {"TERMINATED": "FINISHED", "ERROR": "FAILED"}
 
 
 class SweepTracker(Callback):
@@ -89,10 +88,10 @@ class SweepTracker(Callback):
                 self._log_student(trial)
             except Exception as err:  # bookkeeping must never fail a finished trial
                 print(f"[distillsweep] could not copy the student of trial {trial.trial_id}: {err}")
-        self._close(trial, "FINISHED", "TERMINATED", "")
+        self._close(trial, trial_outcome("TERMINATED", trial.last_result), "TERMINATED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._close(trial, "FAILED", "ERROR", error_summary(trial))
+        self._close(trial, trial_outcome("ERROR", trial.last_result, error_summary(trial)), "ERROR")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.finish()
@@ -137,13 +136,15 @@ class SweepTracker(Callback):
         self.journal.submit({"op": "artifacts", "key": self.key(trial), "path": str(local), "artifact_path": "student"})
         self.journal.submit({"op": "tags", "key": self.key(trial), "tags": {"student_logged": "true"}})
 
-    def _close(self, trial: Any, status: str, state: str, error: str) -> None:
+    def _close(self, trial: Any, outcome: TrialOutcome, state: str) -> None:
+        """Tag how the trial ended and end its run with the matching status (stopped: KILLED)."""
         key = self.key(trial)
-        tags = {"trial_state": state}
-        if error:
-            tags["error"] = error[:5000]
+        tags = {"trial_state": state, "trial_outcome": outcome.kind, "trial_outcome_detail": outcome.detail[:5000]}
+        if outcome.error:
+            tags["error"] = outcome.error[:5000]
         self.journal.submit({"op": "tags", "key": key, "tags": tags})
-        self.journal.submit({"op": "end", "key": key, "status": status})
+        self.journal.submit({"op": "end", "key": key, "status": outcome.mlflow_status})
+        write_outcome(trial, outcome)
 
     def _resolved_json(self, trial_config: dict[str, Any]) -> str:
         try:
@@ -171,6 +172,15 @@ TUNE_BOOKKEEPING = {
     "trial_id", "experiment_tag", "iterations_since_restore", "time_since_restore", "checkpoint_dir_name",
     "should_checkpoint", "config",
 }
+
+
+def write_outcome(trial: Any, outcome: TrialOutcome) -> None:
+    """Put the outcome beside the trial's result.json, wherever storage is."""
+    try:
+        with trial.storage.storage_filesystem.open_output_stream(f"{trial.path}/{OUTCOME_FILE}") as stream:
+            stream.write(json.dumps(outcome.as_dict()).encode())
+    except Exception as err:  # bookkeeping must never fail the sweep; status and report derive it again
+        print(f"[distillsweep] could not write the outcome of trial {trial.trial_id}: {err}")
 
 
 def error_summary(trial: Any) -> str:

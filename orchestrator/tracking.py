@@ -78,7 +78,7 @@ def run_tags(cfg: RunConfig | PretrainConfig) -> dict[str, str]:
         "objective_mix": cfg.objective_mix,
         "init": cfg.student.init_name,
         "mapping": cfg.mapping if isinstance(cfg.mapping, str) else "layers_" + "_".join(map(str, cfg.mapping)),
-        "task": cfg.task if isinstance(cfg.task, str) else cfg.task.name,
+        "task": cfg.task_name,
         "git_commit": git_commit(),
     }
     source = getattr(cfg.student.init, "pretrained", "")

@@ -123,8 +123,9 @@ def test_diverging_trial_fails_with_its_reason_and_the_others_finish(tiny_demo_t
     assert states["0.001"].info.status == "FINISHED"
     failed = states["1000000000000.0"]
     assert failed.info.status == "FAILED" and "non-finite" in failed.data.tags["error"]
+    assert failed.data.tags["trial_outcome"] == "diverged" and states["0.001"].data.tags["trial_outcome"] == "completed"
     status = distillsweep(["status", str(tmp_path / "sweeps" / "tiny")], demo_cache, tmp_path)
-    assert "1 error" in status.stdout and "1 terminated" in status.stdout
+    assert "1 completed, 1 diverged" in status.stdout
 
 
 def ray_start(*args: str, env: dict) -> None:

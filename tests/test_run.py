@@ -93,6 +93,28 @@ def test_two_stage_trains_intermediate_layers_then_prediction_layer(tiny_demo_te
     assert second["step"] == 20
 
 
+def test_stage_one_evaluations_report_losses_but_no_score(tiny_demo_teacher, demo_cache, tmp_path):
+    """The classifier is untrained in stage 1: its accuracy would put a floor under best_score."""
+    cfg = run_config(
+        tiny_demo_teacher, demo_cache, tmp_path / "run",
+        objectives=[{"name": "hidden_mse"}, {"name": "kd", "weight": 0.5}],
+        stages="two_stage",
+        training={"max_steps": 8, "eval_steps": 4, "learning_rate": 1e-6},
+    )
+    reports: list[dict] = []
+    distill(cfg, lambda metrics, checkpoint: reports.append(metrics))
+    stage_one = [r for r in reports if r["stage_name"] == "intermediate"]
+    prediction = [r for r in reports if r["stage_name"] == "prediction"]
+    assert [r["step"] for r in stage_one] == [4, 8] and [r["step"] for r in prediction] == [12, 16]
+    for report in stage_one:
+        assert not {"score", "best_score", "eval_accuracy", "prediction_step"} & set(report), report
+        assert report["eval_hidden_mse"] > 0 and "eval_intermediate_loss" in report
+    assert [r["prediction_step"] for r in prediction] == [4, 8]
+    assert all(r["total_steps"] == 16 for r in reports)
+    assert prediction[0]["best_score"] == prediction[0]["score"]
+    assert prediction[1]["best_score"] == max(r["score"] for r in prediction)
+
+
 def test_diverging_learning_rate_fails_with_non_finite_loss(tiny_demo_teacher, demo_cache, tmp_path):
     cfg = run_config(
         tiny_demo_teacher, demo_cache, tmp_path / "run",

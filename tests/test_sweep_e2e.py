@@ -50,14 +50,26 @@ def test_quickstart_preset_runs_from_cli_with_asha_and_mlflow(demo_cache, tmp_pa
     assert set(by_trial) == set(results)
     for trial, rows in results.items():
         child = by_trial[trial]
-        assert child.info.status == "FINISHED"
+        completed = rows[-1]["step"] == 60
+        assert child.data.tags["trial_outcome"] == ("completed" if completed else "stopped")
+        assert child.info.status == ("FINISHED" if completed else "KILLED")
+        if not completed:
+            assert child.data.tags["trial_outcome_detail"] == f"stopped by the scheduler at step {rows[-1]['step']} of 60"
         assert child.data.tags["objective_mix"] in ("kd", "hidden_mse+kd", "att_kl+kd")
         assert child.data.params["student.init"] in ("lower", "upper")
         assert metric_steps(uri, child.info.run_id) == [r["step"] for r in rows]
     assert parent.info.status == "FINISHED"
 
-    status = distillsweep(["status", str(tmp_path / "sweeps" / "quickstart")], demo_cache, tmp_path)
-    assert status.returncode == 0 and "6 terminated" in status.stdout
+    folder = tmp_path / "sweeps" / "quickstart"
+    status = distillsweep(["status", str(folder)], demo_cache, tmp_path)
+    stopped = sum(rows[-1]["step"] < 60 for rows in results.values())
+    assert status.returncode == 0 and f"{6 - stopped} completed, {stopped} stopped" in status.stdout
+
+    report = distillsweep(["report", str(folder)], demo_cache, tmp_path)
+    assert report.returncode == 0, report.stdout + report.stderr
+    cells = pd.read_csv(folder / "report" / "report.csv")
+    assert cells["n"].sum() == 6 - stopped and cells["stopped"].sum() == stopped
+    assert "stopped by the scheduler at step" in report.stdout
 
 
 def test_optuna_sweep_samples_objective_weights_and_logs_them(tiny_demo_teacher, demo_cache, tmp_path):
@@ -135,7 +147,7 @@ def test_sweep_against_real_mlflow_server_and_report(tiny_demo_teacher, demo_cac
             best = [
                 max(m.value for m in client.get_metric_history(c.info.run_id, "score"))
                 for c in children
-                if c.data.tags["objective_mix"] == row["objective_mix"] and c.data.params["student.init"] == row["init"]
+                if c.data.tags["objective_mix"] == row["configuration"] and c.data.params["student.init"] == row["init"]
             ]
             assert row["n"] == len(best) == 2
             assert row["mean"] == pytest.approx(sum(best) / 2)

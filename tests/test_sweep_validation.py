@@ -76,6 +76,8 @@ def test_valid_file_prints_trial_count_and_space(tmp_path, teacher_dir):
         ({"space/training.warmup_ratio": {"grid": [0.1, 2.0]}}, "training.warmup_ratio"),
         ({"search": {"algorithm": "grid", "metric": "eval_acuracy", "mode": "max"}}, "search.metric 'eval_acuracy'"),
         ({"scheduler": {"type": "asha", "time_attr": "steps", "max_t": 4}}, "scheduler.time_attr 'steps'"),
+        ({"base/stages": "auto", "scheduler": {"type": "asha", "time_attr": "training_iteration", "max_t": 4}},
+         "scheduler.time_attr training_iteration: this sweep has two-stage trials"),
     ],
 )
 def test_malformed_file_is_rejected_naming_the_field_before_ray_starts(tmp_path, teacher_dir, changes, named):

@@ -41,6 +41,16 @@ class LocalTask(StrictModel):
     )
 
 
+def task_name_of(task: Any) -> str:
+    """The name `per_task`, teachers, tags and tables know a task by: a GLUE name as written, or a
+    local task's `name` (also for a task still written as a mapping in a file)."""
+    if isinstance(task, str):
+        return task
+    if isinstance(task, dict):
+        task = LocalTask.model_validate(task)
+    return task.name
+
+
 class PretrainedInit(StrictModel):
     """Initialise the student from a small pretrained model instead of teacher layers."""
 
@@ -231,6 +241,10 @@ class RunConfig(StrictModel):
         return self
 
     @property
+    def task_name(self) -> str:
+        return task_name_of(self.task)
+
+    @property
     def two_stage(self) -> bool:
         if self.stages == "auto":
             return any(REGISTRY[o.name].stage is Stage.INTERMEDIATE for o in self.objectives)
@@ -312,6 +326,10 @@ class PretrainConfig(StrictModel):
     def task(self) -> str:
         """Pre-training has no task; tables and tags show the corpus."""
         return self.corpus.dataset or "corpus"
+
+    @property
+    def task_name(self) -> str:
+        return self.task
 
     def save_steps(self) -> set[int]:
         return {max(1, round(f * self.training.max_steps)) for f in self.save_fractions}
@@ -414,10 +432,18 @@ def resolve_run_config(
     elif objective_params:
         for entry in raw.get("objectives", []):
             entry.update(objective_params.get(entry.get("name"), {}))
-    task = raw.get("task")
-    for key, value in (per_task or {}).get(task if isinstance(task, str) else "", {}).items():
+    for key, value in (per_task or {}).get(raw_task_name(raw), {}).items():
         set_dotted(raw, key, value)
     return (config_class or RunConfig).model_validate(raw)
+
+
+def raw_task_name(raw: dict[str, Any]) -> str:
+    """The task name of a config not validated yet; "" where the task is malformed, which the
+    config's own validation then reports with the field named."""
+    try:
+        return task_name_of(raw.get("task", RunConfig.model_fields["task"].default))
+    except ValueError:
+        return ""
 
 
 @dataclass(frozen=True)
@@ -447,7 +473,6 @@ class TrialTemplate:
     def resolve(self, trial_config: dict[str, Any]) -> RunConfig | PretrainConfig:
         config_class = PretrainConfig if self.kind == "pretrain" else RunConfig
         cfg = resolve_run_config(self.base, self.decode(trial_config), self.per_task, config_class)
-        task = cfg.task if isinstance(cfg.task, str) else cfg.task.name
-        if task in self.teachers:
-            cfg = cfg.model_copy(update={"teacher": self.teachers[task]})
+        if cfg.task_name in self.teachers:
+            cfg = cfg.model_copy(update={"teacher": self.teachers[cfg.task_name]})
         return cfg

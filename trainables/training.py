@@ -340,15 +340,27 @@ class DistillationLoop:
 
     # --- evaluation --------------------------------------------------------------------------
 
+    def is_prediction_stage(self, stage: StagePlan) -> bool:
+        """The last stage trains the prediction layer; before it, in a two-stage run, the classifier
+        is untrained and its predictions say nothing about the student."""
+        return stage is self.stages[-1]
+
     @torch.no_grad()
     def evaluate(self, stage: StagePlan | None = None) -> dict[str, float]:
-        """Task metrics on the validation split, sharded over processes and gathered.
+        """Validation metrics for `stage`; `score` only where it means what it says.
 
-        Without a task metric (pre-training on text) the score is minus the stage's loss on the
-        held-out blocks, and each term is reported too.
+        In the prediction stage `score` is the task's main metric (sharded over processes and
+        gathered). Stage 1 of a two-stage run reports its own losses on the validation split
+        (`eval_<term>`, `eval_intermediate_loss`) and no score. Without a task metric
+        (pre-training on text) the score is minus the loss on the held-out blocks.
         """
+        stage = stage or self.stages[min(self.progress.stage_index, len(self.stages) - 1)]
         if self.data.score is None:
-            return self._evaluate_loss(stage or self.stages[min(self.progress.stage_index, len(self.stages) - 1)])
+            losses = self._evaluate_loss(stage)
+            return {**losses, "score": -losses["eval_loss"]}
+        if not self.is_prediction_stage(stage):
+            losses = self._evaluate_loss(stage)
+            return {"eval_intermediate_loss" if k == "eval_loss" else k: v for k, v in losses.items()}
         student = self.accelerator.unwrap_model(self.distiller).student
         student.eval()
         validation = self.data.validation
@@ -372,6 +384,7 @@ class DistillationLoop:
         return metrics
 
     def _evaluate_loss(self, stage: StagePlan) -> dict[str, float]:
+        """The stage's loss and each of its terms on the validation split."""
         distiller = self.accelerator.unwrap_model(self.distiller)
         distiller.eval()
         validation = self.data.validation
@@ -392,24 +405,26 @@ class DistillationLoop:
             count += rows
         gathered = gather_object([(sums, count)])
         total = sum(g[1] for g in gathered)
-        metrics = {f"eval_{k}": sum(g[0].get(k, 0.0) for g in gathered) / total for k in sums}
-        metrics["score"] = -metrics["eval_loss"]
-        return metrics
+        return {f"eval_{k}": sum(g[0].get(k, 0.0) for g in gathered) / total for k in sums}
 
     # --- reporting and checkpoints -----------------------------------------------------------
 
     def _report(self, stage: StagePlan, metrics: dict[str, float], save: bool) -> None:
         p = self.progress
-        if p.best_score is None or metrics["score"] > p.best_score:
+        if "score" in metrics and (p.best_score is None or metrics["score"] > p.best_score):
             p.best_score = metrics["score"]
         metrics.update(
             step=p.global_step,
             stage=p.stage_index,
+            total_steps=self.steps_per_stage * len(self.stages),
             epoch=p.epoch + p.batches_in_epoch / self.micro_batches_per_epoch,
-            best_score=p.best_score,
             peak_memory_mb=peak_memory_mb(self.accelerator.device),
             student_parameters=self.student_parameters,
         )
+        if self.is_prediction_stage(stage):
+            # The schedulers' time axis: steps of the stage that trains the prediction layer, so
+            # one- and two-stage trials are compared at equal training of what `score` measures.
+            metrics.update(prediction_step=p.stage_step, best_score=p.best_score)
         checkpoint = self.save_checkpoint() if save else None
         last = p.stage_index == len(self.stages) - 1 and p.stage_step == self.steps_per_stage
         if checkpoint is not None and last and self.export_student is not None and self.accelerator.is_main_process:
