@@ -140,11 +140,13 @@ def study_report(study_dir: Path) -> tuple[Path, str]:
     state = SweepState.load(sweep_dir(spec.stage("finetune", sorted(study.students))))
     rows = []
     for record in read_trials(experiment_dir(state), state.template):
+        if record.outcome.kind != "completed":
+            continue  # a fine-tuning run cut short is no student's best score
         source = record.config.get("student.init", {}).get("pretrained")
         rows.append({"objective_mix": study.students.get(source, source), "task": record.task,
                      "best_score": record.best_score, "trial": record.trial_id})
     if not rows:
-        raise UserError("no fine-tuning trial has reported yet")
+        raise UserError("no fine-tuning trial has completed yet")
     frame = pd.DataFrame(rows)
     table = frame.pivot_table(index="objective_mix", columns="task", values="best_score", aggfunc="max")
     out = Path(study.study_dir)

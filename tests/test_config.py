@@ -133,6 +133,5 @@ def test_per_task_override_reaches_a_local_csv_task_by_its_name(tmp_path: Path) 
     }
     template = TrialTemplate(base, per_task={"tweets": {"training.learning_rate": 3e-5}}, teachers={"tweets": "t/dir"})
     cfg = template.resolve({"training.seed": 2})
-    assert cfg.task_name == "tweets"
     assert cfg.training.learning_rate == 3e-5 and cfg.training.seed == 2
-    assert cfg.teacher == "t/dir"
+    assert cfg.teacher == "t/dir" and cfg.task_name == "tweets"
