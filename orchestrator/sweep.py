@@ -17,6 +17,7 @@ from orchestrator.config import Distribution, SweepSpec
 from orchestrator.demo import DEMO_TEACHER, resolve_demo_teacher
 from orchestrator.messages import UserError
 from orchestrator.metric_names import unknown_metric_message
+from orchestrator.outcome import trial_outcome
 from orchestrator.search import STRICT_METRIC_CHECK, build_scheduler, build_search
 from orchestrator.spaces import check_space, label, tune_param_space
 from orchestrator.tracker import SweepTracker
@@ -393,12 +394,16 @@ def run_tuner(state: SweepState, address: str | None, restore: bool, retry_error
         )
     results = tuner.fit()
     failed = [r for r in results if r.error is not None]
+    stopped = sum(trial_outcome("TERMINATED", r.metrics).kind == "stopped" for r in results if r.error is None)
     tracker.journal.submit(
-        {"op": "tags", "key": "sweep", "tags": {"trials": len(results), "failed_trials": len(failed)}}
+        {"op": "tags", "key": "sweep", "tags": {"trials": len(results), "failed_trials": len(failed),
+                                                 "stopped_trials": stopped}}
     )
     tracker.journal.submit({"op": "end", "key": "sweep", "status": "FINISHED"})
     tracker.finish()
-    print(f"[distillsweep] {len(results) - len(failed)} of {len(results)} trials finished, {len(failed)} failed")
+    finished = len(results) - len(failed)
+    print(f"[distillsweep] {finished} of {len(results)} trials finished ({finished - stopped} completed their budget, "
+          f"{stopped} stopped early by the scheduler), {len(failed)} failed")
     for result in failed:
         print(f"  failed: {Path(result.path).name}: {last_line(result.error)[:300]}")
     if results and len(failed) == len(results):

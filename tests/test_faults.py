@@ -116,7 +116,7 @@ def test_diverging_trial_fails_with_its_reason_and_the_others_finish(tiny_demo_t
     spec["base"]["training"].update(max_grad_norm=0.0, warmup_ratio=0.0)
     done = distillsweep(["sweep", str(write_space(spec, tmp_path / "s.yaml"))], demo_cache, tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "1 of 2 trials finished, 1 failed" in done.stdout
+    assert "1 of 2 trials finished (1 completed their budget, 0 stopped early by the scheduler), 1 failed" in done.stdout
     assert "non-finite" in done.stdout
     _, children = sweep_runs(spec["tracking"]["uri"], "tests")
     states = {c.data.params["training.learning_rate"]: c for c in children}
