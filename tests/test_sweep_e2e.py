@@ -95,6 +95,34 @@ def test_optuna_sweep_samples_objective_weights_and_logs_them(tiny_demo_teacher,
         assert ("objectives.hidden_mse.weight" in child.data.params) == ("hidden_mse" in mix)
 
 
+def test_two_stage_trials_are_judged_only_in_their_prediction_stage(tiny_demo_teacher, demo_cache, tmp_path):
+    """Optuna and ASHA see stage-1 results without a score; neither may fail on them or act on them."""
+    spec = tiny_space(
+        tiny_demo_teacher, tmp_path,
+        space={"objectives.mix": {"choice": [["kd"], ["kd", "hidden_mse"]]},
+               "training.learning_rate": {"loguniform": [1e-5, 1e-2]}},
+        search={"algorithm": "optuna", "num_samples": 6, "seed": 0},
+        scheduler={"type": "asha", "max_t": 12, "grace_period": 4, "reduction_factor": 2},
+    )
+    spec["base"]["stages"] = "auto"
+    done = distillsweep(["sweep", str(write_space(spec, tmp_path / "two_stage.yaml"))], demo_cache, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = trial_results(tmp_path / "sweeps" / "tiny")
+    assert len(results) == 6
+    two_stage = {t: rows for t, rows in results.items() if rows[0]["stage_name"] == "intermediate"}
+    assert two_stage, "no trial drew the two-stage mix"
+    for rows in two_stage.values():
+        stage_one = [r for r in rows if r["stage_name"] == "intermediate"]
+        assert [r["step"] for r in stage_one] == [4, 8, 12], "a two-stage trial was stopped in stage 1"
+        assert not any("score" in r for r in stage_one)
+    for rows in results.values():
+        if rows[-1]["step"] < rows[-1]["total_steps"]:
+            assert "prediction_step" in rows[-1], "stopped on a result without a score"
+    _, children = sweep_runs(spec["tracking"]["uri"], "tests")
+    outcomes = {c.data.tags["trial_outcome"] for c in children}
+    assert outcomes <= {"completed", "stopped"} and "completed" in outcomes
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

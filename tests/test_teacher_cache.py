@@ -19,6 +19,7 @@ from trainables.teacher_cache import TeacherLogitsCache
 TRAINING = {"learning_rate": 1e-3, "per_device_train_batch_size": 32, "max_seq_length": 48,
             "max_steps": 12, "eval_steps": 6, "mixed_precision": "no"}
 DEMO_TRAIN_ROWS = 1200
+DEMO_VALIDATION_ROWS = 400
 
 
 def run_config(teacher: str, cache: Path, out: Path, **fields) -> RunConfig:
@@ -117,8 +118,9 @@ def test_two_stage_caches_only_the_logits_only_prediction_stage(
     objectives = [{"name": "hidden_mse"}, {"name": "kd", "weight": 0.5}]
     distill(run_config(tiny_demo_teacher, demo_cache, tmp_path / "run", objectives=objectives, stages="two_stage",
                        training={"max_steps": 4, "eval_steps": 4}))
-    # stage 1 (hidden_mse): live, 4 batches; stage 2 (kd): one pass over the split, then the file
-    assert sum(teacher_rows) == 4 * 32 + DEMO_TRAIN_ROWS
+    # stage 1 (hidden_mse): live, 4 batches and its evaluation of hidden_mse on the validation split;
+    # stage 2 (kd): one pass over the training split, then the file
+    assert sum(teacher_rows) == 4 * 32 + DEMO_VALIDATION_ROWS + DEMO_TRAIN_ROWS
     assert cache.passes_computed == 1
 
 
