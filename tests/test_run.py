@@ -158,3 +158,30 @@ def test_bf16_autocast_on_cpu_trains_as_well_as_fp32(tiny_demo_teacher, demo_cac
     assert bf16["train_loss"] != fp32["train_loss"], "bf16 was asked for but the run computed in fp32"
     assert bf16["eval_accuracy"] > 0.65
     assert abs(bf16["eval_accuracy"] - fp32["eval_accuracy"]) <= 0.05
+
+
+@pytest.mark.parametrize(
+    ("accumulation", "report_steps", "epochs"),
+    [
+        # 200 examples in batches of 32: 7 micro-batches an epoch, 2 epochs a stage
+        (1, [7, 14, 21, 28], [1.0, 2.0, 1.0, 2.0]),
+        # 3.5 steps an epoch: epoch 1 ends inside step 4 (its 7th micro-batch), epoch 2 with step 7
+        (2, [4, 7, 11, 14], [8 / 7, 2.0, 8 / 7, 2.0]),
+    ],
+)
+def test_eval_strategy_epoch_evaluates_and_saves_at_each_epoch_end_of_both_stages(
+    tiny_demo_teacher, demo_cache, tmp_path, accumulation, report_steps, epochs
+):
+    cfg = run_config(
+        tiny_demo_teacher, demo_cache, tmp_path / "run",
+        objectives=[{"name": "hidden_mse"}, {"name": "kd", "weight": 0.5}],
+        stages="two_stage",
+        training={"eval_strategy": "epoch", "num_train_epochs": 2, "max_train_samples": 200,
+                  "gradient_accumulation_steps": accumulation, "eval_steps": 3},
+    )
+    reports: list[tuple[dict, Path | None]] = []
+    distill(cfg, lambda metrics, checkpoint: reports.append((metrics, checkpoint)))
+    assert [m["step"] for m, _ in reports] == report_steps
+    assert [m["stage_name"] for m, _ in reports] == ["intermediate"] * 2 + ["prediction"] * 2
+    assert [m["epoch"] for m, _ in reports] == pytest.approx(epochs)
+    assert all(checkpoint is not None for _, checkpoint in reports)

@@ -132,6 +132,11 @@ class TrainingConfig(StrictModel):
     max_grad_norm: float = Field(default=1.0, ge=0.0, description="0 disables clipping")
     lr_scheduler_type: Literal["linear", "constant_with_warmup", "cosine", "polynomial"] = "linear"
     gradient_accumulation_steps: int = Field(default=1, ge=1)
+    eval_strategy: Literal["steps", "epoch"] = Field(
+        default="steps",
+        description="steps: evaluate every eval_steps optimiser steps; epoch: at the end of each epoch of each "
+        "stage (eval_steps is not read)",
+    )
     eval_steps: int = Field(default=100, ge=1)
     save_steps: int | None = Field(default=None, ge=1, description="None saves at every evaluation")
     max_seq_length: int = Field(default=128, ge=8)
