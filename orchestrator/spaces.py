@@ -94,18 +94,19 @@ def checked_config(
         if cfg.teacher is not None:  # fine-tuning runs have none
             check_against_teacher(cfg, *teacher_shape(cfg))
         if template.kind == "distill":
-            check_task(cfg.task)
+            check_task(cfg.task, cfg.training.metric_for_best_model)
     except (ValidationError, ValueError) as err:
         raise UserError(f"{where} is invalid: {describe_error(err)}") from None
     return cfg
 
 
-def check_task(task: Any) -> None:
-    """An unknown task name fails here rather than in every trial (local task files are read by the trial)."""
-    from trainables.tasks import resolve_task
+def check_task(task: Any, metric_for_best_model: str | None = None) -> None:
+    """An unknown task name, or a selection metric the task does not report, fails here rather than in
+    every trial (local task files are read by the trial)."""
+    from trainables.tasks import resolve_task, selection_metric
 
     if isinstance(task, str) and task.lower() != "demo":  # the demo task would be unpacked just to be named
-        resolve_task(task)
+        selection_metric(resolve_task(task), metric_for_best_model)
 
 
 def check_base_objectives(base: dict[str, Any]) -> None:

@@ -185,3 +185,28 @@ def test_eval_strategy_epoch_evaluates_and_saves_at_each_epoch_end_of_both_stage
     assert [m["stage_name"] for m, _ in reports] == ["intermediate"] * 2 + ["prediction"] * 2
     assert [m["epoch"] for m, _ in reports] == pytest.approx(epochs)
     assert all(checkpoint is not None for _, checkpoint in reports)
+
+
+def demo_as_local_task() -> dict:
+    """The demo tweets as a local binary task, which reports accuracy and f1."""
+    from trainables.demo import demo_task_spec
+
+    spec = demo_task_spec()
+    return {"name": "tweets", "train_file": str(spec.train_file), "validation_file": str(spec.validation_file)}
+
+
+def test_metric_for_best_model_is_the_score_and_the_best_score(tiny_demo_teacher, demo_cache, tmp_path):
+    cfg = run_config(tiny_demo_teacher, demo_cache, tmp_path / "run", task=demo_as_local_task(),
+                     training={"max_steps": 6, "eval_steps": 2, "metric_for_best_model": "f1"})
+    reports: list[dict] = []
+    distill(cfg, lambda metrics, checkpoint: reports.append(metrics))
+    assert [r["score"] for r in reports] == [r["eval_f1"] for r in reports]
+    assert any(r["eval_f1"] != r["eval_accuracy"] for r in reports)
+    assert reports[-1]["best_score"] == max(r["eval_f1"] for r in reports)
+
+
+def test_metric_for_best_model_the_task_does_not_report_is_refused(tiny_demo_teacher, demo_cache, tmp_path):
+    cfg = run_config(tiny_demo_teacher, demo_cache, tmp_path / "run", task=demo_as_local_task(),
+                     training={"max_steps": 2, "metric_for_best_model": "matthews_correlation"})
+    with pytest.raises(ValueError, match="metric_for_best_model 'matthews_correlation': task tweets reports accuracy, f1"):
+        distill(cfg)

@@ -78,6 +78,8 @@ def test_valid_file_prints_trial_count_and_space(tmp_path, teacher_dir):
         ({"scheduler": {"type": "asha", "time_attr": "steps", "max_t": 4}}, "scheduler.time_attr 'steps'"),
         ({"base/stages": "auto", "scheduler": {"type": "asha", "time_attr": "training_iteration", "max_t": 4}},
          "scheduler.time_attr training_iteration: this sweep has two-stage trials"),
+        ({"base/task": "cola", "base/training": {"metric_for_best_model": "accuracy"}},
+         "training.metric_for_best_model 'accuracy': task cola reports matthews_correlation"),
     ],
 )
 def test_malformed_file_is_rejected_naming_the_field_before_ray_starts(tmp_path, teacher_dir, changes, named):
