@@ -79,7 +79,26 @@ def check_space(spec: SweepSpec, teacher_shape: Callable[[RunConfig], tuple[int,
     for task in spec.per_task:
         if task not in tasks:
             raise UserError(f"per_task.{task}: no trial of this sweep has task {task!r} (tasks: {sorted(tasks)})")
+    if spec.teacher_finetune is not None:
+        check_teacher_recipes(spec, tasks)
     return configs
+
+
+def check_teacher_recipes(spec: SweepSpec, tasks: set[str]) -> None:
+    """Each `teacher_finetune.per_task` entry names a task whose teacher is fine-tuned, and each
+    teacher's selection metric is one its task reports."""
+    for task in spec.teacher_finetune.per_task:
+        if task not in tasks:
+            raise UserError(
+                f"teacher_finetune.per_task.{task}: no trial of this sweep has task {task!r} (tasks: {sorted(tasks)})"
+            )
+        if task in spec.teachers:
+            raise UserError(f"teacher_finetune.per_task.{task}: teachers.{task} is given, so no teacher is fine-tuned for it")
+    for task in sorted(tasks - set(spec.teachers)):
+        try:
+            check_task(task, spec.teacher_finetune.for_task(task).training.metric_for_best_model)
+        except ValueError as err:
+            raise UserError(f"teacher_finetune for task {task}: {err}") from None
 
 
 def checked_config(
