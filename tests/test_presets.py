@@ -77,3 +77,6 @@ def test_task_agnostic_fine_tuning_evaluates_as_the_studys_run_glue():
         t = cfg.training
         assert (t.eval_strategy, t.eval_steps, t.num_train_epochs) == ("steps", 500 if large else 50, 10 if large else 20)
         assert (t.max_seq_length, selected(cfg.task, t)) == (128, METRIC[cfg.task])
+        # the grid script passes none of these, so run_glue.py trains with TrainingArguments' defaults
+        assert (t.weight_decay, t.warmup_ratio, t.lr_scheduler_type) == (0.0, 0.0, "linear")
+        assert (t.adam_beta1, t.adam_beta2, t.adam_epsilon, t.max_grad_norm) == (0.9, 0.999, 1e-8, 1.0)
