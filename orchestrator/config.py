@@ -7,12 +7,13 @@ and MLflow records go. Nothing in it is Python.
 
 from __future__ import annotations
 
+import difflib
 import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, field_validator, model_serializer, model_validator
+from pydantic import Field, ValidationError, field_validator, model_serializer, model_validator
 
 from trainables.config import MIX_KEY, StrictModel, TrainingConfig, set_dotted
 
@@ -134,11 +135,49 @@ class TrackingConfig(StrictModel):
 
 
 class TeacherFinetune(StrictModel):
-    """Fine-tune one teacher per task of the sweep before trials start (cached across sweeps)."""
+    """Fine-tune one teacher per task of the sweep before trials start (cached across sweeps).
+
+    `per_task` holds dotted overrides of `base_model` or `training.<field>` per task, as the
+    sweep's own `per_task` does for trials: the study's recipe differs by task (learning rate,
+    batch, warmup).
+    """
 
     base_model: str
     training: TrainingConfig = TrainingConfig(learning_rate=2e-5, num_train_epochs=3.0)
     output_root: Path | None = None
+    per_task: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="task name -> dotted overrides, e.g. training.learning_rate"
+    )
+
+    @model_validator(mode="after")
+    def _per_task_valid(self) -> TeacherFinetune:
+        for task, overrides in self.per_task.items():
+            for key in overrides:
+                check_teacher_override(task, key)
+            try:
+                self.for_task(task)
+            except ValidationError as err:
+                item = err.errors()[0]
+                where = ".".join(str(p) for p in item["loc"])
+                raise ValueError(f"per_task.{task}.{where}: {item['msg'].removeprefix('Value error, ')}") from None
+        return self
+
+    def for_task(self, task: str) -> TeacherFinetune:
+        """The recipe for `task`: the shared one with the task's overrides applied."""
+        raw = self.model_dump(exclude={"per_task"})
+        for key, value in self.per_task.get(task, {}).items():
+            set_dotted(raw, key, value)
+        return TeacherFinetune.model_validate(raw)
+
+
+def check_teacher_override(task: str, key: str) -> None:
+    """Only the base model and training fields can differ between a sweep's teachers."""
+    head, _, field = key.partition(".")
+    if key == "base_model" or (head == "training" and field in TrainingConfig.model_fields):
+        return
+    guess = difflib.get_close_matches(field or key, [*TrainingConfig.model_fields, "base_model"], n=1)
+    hint = f"; did you mean {'base_model' if guess == ['base_model'] else 'training.' + guess[0]}?" if guess else ""
+    raise ValueError(f"per_task.{task}.{key}: a teacher override is base_model or training.<field>{hint}")
 
 
 class SweepSpec(StrictModel):

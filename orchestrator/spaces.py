@@ -79,7 +79,26 @@ def check_space(spec: SweepSpec, teacher_shape: Callable[[RunConfig], tuple[int,
     for task in spec.per_task:
         if task not in tasks:
             raise UserError(f"per_task.{task}: no trial of this sweep has task {task!r} (tasks: {sorted(tasks)})")
+    if spec.teacher_finetune is not None:
+        check_teacher_recipes(spec, tasks)
     return configs
+
+
+def check_teacher_recipes(spec: SweepSpec, tasks: set[str]) -> None:
+    """Each `teacher_finetune.per_task` entry names a task whose teacher is fine-tuned, and each
+    teacher's selection metric is one its task reports."""
+    for task in spec.teacher_finetune.per_task:
+        if task not in tasks:
+            raise UserError(
+                f"teacher_finetune.per_task.{task}: no trial of this sweep has task {task!r} (tasks: {sorted(tasks)})"
+            )
+        if task in spec.teachers:
+            raise UserError(f"teacher_finetune.per_task.{task}: teachers.{task} is given, so no teacher is fine-tuned for it")
+    for task in sorted(tasks - set(spec.teachers)):
+        try:
+            check_task(task, spec.teacher_finetune.for_task(task).training.metric_for_best_model)
+        except ValueError as err:
+            raise UserError(f"teacher_finetune for task {task}: {err}") from None
 
 
 def checked_config(
@@ -94,18 +113,19 @@ def checked_config(
         if cfg.teacher is not None:  # fine-tuning runs have none
             check_against_teacher(cfg, *teacher_shape(cfg))
         if template.kind == "distill":
-            check_task(cfg.task)
+            check_task(cfg.task, cfg.training.metric_for_best_model)
     except (ValidationError, ValueError) as err:
         raise UserError(f"{where} is invalid: {describe_error(err)}") from None
     return cfg
 
 
-def check_task(task: Any) -> None:
-    """An unknown task name fails here rather than in every trial (local task files are read by the trial)."""
-    from trainables.tasks import resolve_task
+def check_task(task: Any, metric_for_best_model: str | None = None) -> None:
+    """An unknown task name, or a selection metric the task does not report, fails here rather than in
+    every trial (local task files are read by the trial)."""
+    from trainables.tasks import resolve_task, selection_metric
 
     if isinstance(task, str) and task.lower() != "demo":  # the demo task would be unpacked just to be named
-        resolve_task(task)
+        selection_metric(resolve_task(task), metric_for_best_model)
 
 
 def check_base_objectives(base: dict[str, Any]) -> None:

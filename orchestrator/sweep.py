@@ -88,7 +88,7 @@ def teacher_source(spec: SweepSpec, cfg: RunConfig) -> str:
     if cfg.task_name in spec.teachers:
         return spec.teachers[cfg.task_name]
     if spec.teacher_finetune is not None:
-        return spec.teacher_finetune.base_model
+        return spec.teacher_finetune.for_task(cfg.task_name).base_model
     if cfg.teacher == DEMO_TEACHER:
         from trainables.demo import demo_teacher_base
 
@@ -194,19 +194,7 @@ def prepare_teachers(spec: SweepSpec, configs: list[RunConfig]) -> dict[str, str
         return teachers
     import ray
 
-    from trainables.teacher import TeacherRequest
-
-    requests = {}
-    for task in teacher_tasks(configs):
-        name = task_name_of(task)
-        if name in teachers:
-            continue
-        fields: dict[str, Any] = {
-            "base_model": spec.teacher_finetune.base_model, "task": task, "training": spec.teacher_finetune.training,
-        }
-        if spec.teacher_finetune.output_root is not None:
-            fields["output_root"] = spec.teacher_finetune.output_root
-        requests[name] = TeacherRequest(**fields)
+    requests = teacher_requests(spec, configs)
     remote = ray.remote(finetune_teacher_task).options(
         num_cpus=spec.resources.cpu, num_gpus=math.ceil(spec.resources.gpu), max_retries=spec.max_failures
     )
@@ -216,6 +204,25 @@ def prepare_teachers(spec: SweepSpec, configs: list[RunConfig]) -> dict[str, str
         print(f"[distillsweep] teacher for {name}: {path} ({'reused' if reused else 'fine-tuned'})")
         teachers[name] = str(path)
     return teachers
+
+
+def teacher_requests(spec: SweepSpec, configs: list[RunConfig]) -> dict[str, Any]:
+    """task name -> TeacherRequest with that task's recipe, for each task without a given teacher."""
+    from trainables.teacher import TeacherRequest
+
+    if spec.teacher_finetune is None:
+        return {}
+    requests = {}
+    for task in teacher_tasks(configs):
+        name = task_name_of(task)
+        if name in spec.teachers:
+            continue
+        recipe = spec.teacher_finetune.for_task(name)
+        fields: dict[str, Any] = {"base_model": recipe.base_model, "task": task, "training": recipe.training}
+        if recipe.output_root is not None:
+            fields["output_root"] = recipe.output_root
+        requests[name] = TeacherRequest(**fields)
+    return requests
 
 
 def finetune_teacher_task(request: Any) -> tuple[str, bool]:

@@ -135,3 +135,16 @@ def test_per_task_override_reaches_a_local_csv_task_by_its_name(tmp_path: Path) 
     cfg = template.resolve({"training.seed": 2})
     assert cfg.training.learning_rate == 3e-5 and cfg.training.seed == 2
     assert cfg.teacher == "t/dir" and cfg.task_name == "tweets"
+
+
+def test_unknown_selection_metric_names_the_field_and_the_metrics() -> None:
+    message = rejected({"training": {"metric_for_best_model": "acc"}})
+    assert "training.metric_for_best_model" in message and "'matthews_correlation'" in message
+
+
+def test_pretraining_refuses_a_selection_metric() -> None:
+    from trainables.config import PretrainConfig
+
+    with pytest.raises(ValidationError, match="metric_for_best_model: pre-training is scored by its loss"):
+        PretrainConfig.model_validate({"corpus": {"files": ["a.txt"]}, "teacher": "t",
+                                       "training": {"max_steps": 10, "metric_for_best_model": "accuracy"}})

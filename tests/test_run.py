@@ -158,3 +158,55 @@ def test_bf16_autocast_on_cpu_trains_as_well_as_fp32(tiny_demo_teacher, demo_cac
     assert bf16["train_loss"] != fp32["train_loss"], "bf16 was asked for but the run computed in fp32"
     assert bf16["eval_accuracy"] > 0.65
     assert abs(bf16["eval_accuracy"] - fp32["eval_accuracy"]) <= 0.05
+
+
+@pytest.mark.parametrize(
+    ("accumulation", "report_steps", "epochs"),
+    [
+        # 200 examples in batches of 32: 7 micro-batches an epoch, 2 epochs a stage
+        (1, [7, 14, 21, 28], [1.0, 2.0, 1.0, 2.0]),
+        # 3.5 steps an epoch: epoch 1 ends inside step 4 (its 7th micro-batch), epoch 2 with step 7
+        (2, [4, 7, 11, 14], [8 / 7, 2.0, 8 / 7, 2.0]),
+    ],
+)
+def test_eval_strategy_epoch_evaluates_and_saves_at_each_epoch_end_of_both_stages(
+    tiny_demo_teacher, demo_cache, tmp_path, accumulation, report_steps, epochs
+):
+    cfg = run_config(
+        tiny_demo_teacher, demo_cache, tmp_path / "run",
+        objectives=[{"name": "hidden_mse"}, {"name": "kd", "weight": 0.5}],
+        stages="two_stage",
+        training={"eval_strategy": "epoch", "num_train_epochs": 2, "max_train_samples": 200,
+                  "gradient_accumulation_steps": accumulation, "eval_steps": 3},
+    )
+    reports: list[tuple[dict, Path | None]] = []
+    distill(cfg, lambda metrics, checkpoint: reports.append((metrics, checkpoint)))
+    assert [m["step"] for m, _ in reports] == report_steps
+    assert [m["stage_name"] for m, _ in reports] == ["intermediate"] * 2 + ["prediction"] * 2
+    assert [m["epoch"] for m, _ in reports] == pytest.approx(epochs)
+    assert all(checkpoint is not None for _, checkpoint in reports)
+
+
+def demo_as_local_task() -> dict:
+    """The demo tweets as a local binary task, which reports accuracy and f1."""
+    from trainables.demo import demo_task_spec
+
+    spec = demo_task_spec()
+    return {"name": "tweets", "train_file": str(spec.train_file), "validation_file": str(spec.validation_file)}
+
+
+def test_metric_for_best_model_is_the_score_and_the_best_score(tiny_demo_teacher, demo_cache, tmp_path):
+    cfg = run_config(tiny_demo_teacher, demo_cache, tmp_path / "run", task=demo_as_local_task(),
+                     training={"max_steps": 6, "eval_steps": 2, "metric_for_best_model": "f1"})
+    reports: list[dict] = []
+    distill(cfg, lambda metrics, checkpoint: reports.append(metrics))
+    assert [r["score"] for r in reports] == [r["eval_f1"] for r in reports]
+    assert any(r["eval_f1"] != r["eval_accuracy"] for r in reports)
+    assert reports[-1]["best_score"] == max(r["eval_f1"] for r in reports)
+
+
+def test_metric_for_best_model_the_task_does_not_report_is_refused(tiny_demo_teacher, demo_cache, tmp_path):
+    cfg = run_config(tiny_demo_teacher, demo_cache, tmp_path / "run", task=demo_as_local_task(),
+                     training={"max_steps": 2, "metric_for_best_model": "matthews_correlation"})
+    with pytest.raises(ValueError, match="metric_for_best_model 'matthews_correlation': task tweets reports accuracy, f1"):
+        distill(cfg)

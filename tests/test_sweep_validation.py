@@ -78,6 +78,8 @@ def test_valid_file_prints_trial_count_and_space(tmp_path, teacher_dir):
         ({"scheduler": {"type": "asha", "time_attr": "steps", "max_t": 4}}, "scheduler.time_attr 'steps'"),
         ({"base/stages": "auto", "scheduler": {"type": "asha", "time_attr": "training_iteration", "max_t": 4}},
          "scheduler.time_attr training_iteration: this sweep has two-stage trials"),
+        ({"base/task": "cola", "base/training": {"metric_for_best_model": "accuracy"}},
+         "training.metric_for_best_model 'accuracy': task cola reports matthews_correlation"),
     ],
 )
 def test_malformed_file_is_rejected_naming_the_field_before_ray_starts(tmp_path, teacher_dir, changes, named):
@@ -131,3 +133,59 @@ def test_every_preset_validates(preset):
     command = "study" if "finetune" in yaml.safe_load(preset.read_text()) else "sweep"
     result = runner.invoke(app, [command, str(preset), "--dry-run"])
     assert result.exit_code == 0, result.output
+
+
+def with_teacher_finetune(teacher: str, per_task: dict, **changes) -> dict:
+    spec = space(teacher, **changes)
+    spec["teacher_finetune"] = {"base_model": teacher, "training": {"learning_rate": 2e-5}, "per_task": per_task}
+    return spec
+
+
+@pytest.mark.parametrize(
+    ("per_task", "named"),
+    [
+        ({"demo": {"training.learnin_rate": 3e-5}},
+         "teacher_finetune: per_task.demo.training.learnin_rate: a teacher override is base_model or "
+         "training.<field>; did you mean training.learning_rate?"),
+        ({"demo": {"output_root": "/tmp"}}, "per_task.demo.output_root: a teacher override is base_model"),
+        ({"demo": {"training.warmup_ratio": 2.0}}, "per_task.demo.training.warmup_ratio: Input should be less"),
+        ({"rte": {"training.learning_rate": 3e-5}},
+         "teacher_finetune.per_task.rte: no trial of this sweep has task 'rte' (tasks: ['demo'])"),
+    ],
+)
+def test_teacher_recipe_override_naming_no_field_or_no_task_is_refused(tmp_path, teacher_dir, per_task, named):
+    code, out = dry_run(tmp_path, with_teacher_finetune(teacher_dir, per_task))
+    assert code == 2, out
+    assert named in " ".join(out.split())
+    assert not ray.is_initialized()
+
+
+def test_teacher_recipe_for_a_task_with_a_given_teacher_is_refused(tmp_path, teacher_dir):
+    spec = with_teacher_finetune(teacher_dir, {"demo": {"training.learning_rate": 3e-5}})
+    spec["teachers"] = {"demo": teacher_dir}
+    code, out = dry_run(tmp_path, spec)
+    assert code == 2 and "teachers.demo is given" in out
+
+
+def test_teacher_selection_metric_the_task_does_not_report_is_refused(tmp_path, teacher_dir):
+    spec = with_teacher_finetune(teacher_dir, {"cola": {"training.metric_for_best_model": "f1"}},
+                                 **{"base/task": "cola"})
+    code, out = dry_run(tmp_path, spec)
+    assert code == 2 and "metric_for_best_model 'f1': task cola reports matthews_correlation" in " ".join(out.split())
+
+
+def test_each_task_teacher_gets_its_recipe_and_a_cache_folder_of_its_own(tmp_path, teacher_dir):
+    from orchestrator.sweep import teacher_requests, validate
+    from trainables.teacher import teacher_dir as cached_teacher_dir
+
+    def requests(per_task: dict) -> dict:
+        spec = load_sweep_spec_from(tmp_path, with_teacher_finetune(
+            teacher_dir, per_task, **{"space/task": {"grid": ["rte", "mrpc"]}}))
+        return teacher_requests(spec, validate(spec))
+
+    shared = requests({})
+    recipe = requests({"rte": {"training.learning_rate": 3e-5, "training.per_device_train_batch_size": 16}})
+    assert (recipe["rte"].training.learning_rate, recipe["rte"].training.per_device_train_batch_size) == (3e-5, 16)
+    assert recipe["mrpc"] == shared["mrpc"] and recipe["mrpc"].training.learning_rate == 2e-5
+    assert cached_teacher_dir(recipe["rte"], teacher_dir) != cached_teacher_dir(shared["rte"], teacher_dir)
+    assert cached_teacher_dir(recipe["mrpc"], teacher_dir) == cached_teacher_dir(shared["mrpc"], teacher_dir)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from trainables.objectives import REGISTRY, Stage
 
 InitPreset = Literal["random", "lower", "upper", "skip"]
+MetricName = Literal["accuracy", "f1", "matthews_correlation", "pearson", "spearmanr"]
 MappingPreset = Literal["skip", "last", "combine"]
 
 
@@ -132,8 +133,17 @@ class TrainingConfig(StrictModel):
     max_grad_norm: float = Field(default=1.0, ge=0.0, description="0 disables clipping")
     lr_scheduler_type: Literal["linear", "constant_with_warmup", "cosine", "polynomial"] = "linear"
     gradient_accumulation_steps: int = Field(default=1, ge=1)
+    eval_strategy: Literal["steps", "epoch"] = Field(
+        default="steps",
+        description="steps: evaluate every eval_steps optimiser steps; epoch: at the end of each epoch of each "
+        "stage (eval_steps is not read)",
+    )
     eval_steps: int = Field(default=100, ge=1)
     save_steps: int | None = Field(default=None, ge=1, description="None saves at every evaluation")
+    metric_for_best_model: MetricName | None = Field(
+        default=None,
+        description="the task metric that is the run's score and picks its best evaluation; None: the task's main metric",
+    )
     max_seq_length: int = Field(default=128, ge=8)
     seed: int = 42
     bf16: bool = False
@@ -209,7 +219,6 @@ class RunConfig(StrictModel):
     fidelity: FidelityConfig = FidelityConfig()
     output_dir: Path = Path("runs/default")
     cache_dir: Path | None = Field(default=None, description="tokenisation cache; None uses ~/.cache/distillsweep")
-    metric_for_best_model: str | None = None
 
     @model_validator(mode="after")
     def _coherent(self) -> RunConfig:
@@ -309,6 +318,8 @@ class PretrainConfig(StrictModel):
             raise ValueError("objectives is empty and mlm_weight is 0: the run would have no loss")
         if self.training.max_steps <= 0:
             raise ValueError("training.max_steps: a pre-training budget is a number of optimiser steps; set it above 0")
+        if self.training.metric_for_best_model is not None:
+            raise ValueError("training.metric_for_best_model: pre-training is scored by its loss on held-out text; leave it unset")
         if self.mlm_weight > 0 and self.mlm_probability == 0:
             raise ValueError("mlm_weight > 0 needs mlm_probability > 0: no token would be masked to predict")
         if isinstance(self.mapping, list) and len(self.mapping) > self.student.num_layers:

@@ -24,7 +24,7 @@ from trainables.metrics import compute_task_metrics
 from trainables.models import build_student, encoder_layers, load_teacher, resolve_model_source
 from trainables.objectives import ModuleContext
 from trainables.views import LayerPairs
-from trainables.tasks import TaskSpec, resolve_task
+from trainables.tasks import TaskSpec, resolve_task, selection_metric
 from trainables.teacher_cache import TeacherLogitsCache
 from trainables.training import DistillationLoop, Reporter, StepCallback, TaskData
 
@@ -143,7 +143,9 @@ def choose_precision(training: TrainingConfig, on_gpu: bool, native_bf16: bool) 
 def load_task_data(
     spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, training: TrainingConfig, cache_dir: Path | None
 ) -> TaskData:
-    """Tokenised splits (cached on disk), the padding collator and the task's metric."""
+    """Tokenised splits (cached on disk), the padding collator and the task's metrics; the score is the
+    selection metric (`training.metric_for_best_model`, else the task's main metric)."""
+    main_metric = selection_metric(spec, training.metric_for_best_model)
     splits = tokenized_splits(
         spec,
         tokenizer,
@@ -158,7 +160,7 @@ def load_task_data(
         validation=splits["validation"],
         collate=make_collator(tokenizer),
         score=lambda logits, labels: compute_task_metrics(spec, logits, labels),
-        main_metric=spec.main_metric,
+        main_metric=main_metric,
     )
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
-from trainables.config import LocalTask
+from trainables.config import LocalTask, MetricName
 from trainables.data import infer_labels
 
-METRIC_NAMES = ("accuracy", "f1", "matthews_correlation", "pearson", "spearmanr")
+METRIC_NAMES: tuple[str, ...] = get_args(MetricName)
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,18 @@ def resolve_task(task: str | LocalTask) -> TaskSpec:
     raise ValueError(
         f"task {task!r} unknown; known: {', '.join(KNOWN_TASKS)}, or a local task with train_file"
     )
+
+
+def selection_metric(spec: TaskSpec, metric_for_best_model: str | None) -> str:
+    """The metric a run on `spec` is scored and selected by: the one asked for, else the task's main one."""
+    if metric_for_best_model is None:
+        return spec.main_metric
+    if metric_for_best_model not in spec.metrics:
+        raise ValueError(
+            f"training.metric_for_best_model {metric_for_best_model!r}: task {spec.name} reports "
+            f"{', '.join(spec.metrics)}"
+        )
+    return metric_for_best_model
 
 
 def local_task_spec(task: LocalTask) -> TaskSpec:

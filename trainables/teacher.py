@@ -1,7 +1,8 @@
 """Fine-tune a teacher on a task once; every later request for the same teacher reuses it.
 
 The cache key is the whole request (base model, task, hyperparameters), so changing any of them
-trains a new teacher instead of silently reusing a stale one (paper_spec section 10).
+trains a new teacher instead of silently reusing a stale one (paper_spec section 10). The teacher
+kept is the evaluation that scored best on the dev set, as the study's `checkpoint_best.pt`.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
 from accelerate.utils import set_seed
 from pydantic import Field
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from trainables.config import LocalTask, StrictModel, TrainingConfig
 from trainables.distiller import Distiller, StagePlan
@@ -29,7 +31,7 @@ TEACHER_RECORD = "teacher.json"
 
 
 class TeacherRequest(StrictModel):
-    """What to fine-tune, on which task, how."""
+    """What to fine-tune, on which task, how (`training.metric_for_best_model` picks the evaluation kept)."""
 
     base_model: str = Field(description="pretrained encoder: local directory, hub id or MLflow URI")
     task: str | LocalTask = "demo"
@@ -49,6 +51,32 @@ def teacher_dir(request: TeacherRequest, base_source: str) -> Path:
     return root.expanduser().resolve() / f"{task_name}-{base_name}-{digest}"
 
 
+class BestWeights:
+    """A reporter that keeps a CPU copy of the weights of the best evaluation so far, then forwards.
+
+    Best is by the run's score (the task's selection metric); a tie goes to the later evaluation,
+    as fairseq's `--maximize-best-checkpoint-metric` does.
+    """
+
+    def __init__(self, model: PreTrainedModel, forward: Reporter | None) -> None:
+        self.model = model
+        self.forward = forward
+        self.state: dict[str, torch.Tensor] = {}
+        self.metrics: dict[str, float] = {}
+
+    def __call__(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        if not self.metrics or metrics["score"] >= self.metrics["score"]:
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            self.metrics = dict(metrics)
+        if self.forward is not None:
+            self.forward(metrics, checkpoint)
+
+    def restore(self) -> dict[str, float]:
+        """Load the best weights into the model; return that evaluation's metrics."""
+        self.model.load_state_dict(self.state)
+        return self.metrics
+
+
 def finetune_teacher(
     request: TeacherRequest, reporter: Reporter | None = None, on_step: StepCallback | None = None
 ) -> tuple[Path, bool]:
@@ -66,6 +94,7 @@ def finetune_teacher(
     model = AutoModelForSequenceClassification.from_pretrained(base_source, num_labels=spec.num_labels)
     data = load_task_data(spec, tokenizer, request.training, request.cache_dir)
     accelerator = make_accelerator(request.training)
+    best = BestWeights(model, reporter)
     loop = DistillationLoop(
         Distiller(model, {}, LayerPairs(hidden=(), attention=()), count_padding=False, ild_scale_by_batch=False),
         teacher=None,
@@ -74,12 +103,13 @@ def finetune_teacher(
         training=request.training,
         output_dir=work,
         accelerator=accelerator,
-        reporter=reporter,
+        reporter=best,
         keep_checkpoints=1,
         on_step=on_step,
     )
-    metrics = loop.run()
-    if accelerator.is_main_process:
+    loop.run()
+    if accelerator.is_main_process:  # the only process that reports, so the one that holds the best weights
+        metrics = best.restore()
         save_model(model, tokenizer, work)
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
         record = {"request": request.model_dump(mode="json"), "base_source": base_source, "metrics": metrics}

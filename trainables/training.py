@@ -140,7 +140,7 @@ def adamw_implementation(params: list[torch.Tensor]) -> dict[str, bool]:
 
 
 class DistillationLoop:
-    """Trains a `Distiller` through its stages, evaluating and checkpointing every `eval_steps`."""
+    """Trains a `Distiller` through its stages, evaluating and checkpointing every `eval_steps` or epoch."""
 
     def __init__(
         self,
@@ -276,7 +276,7 @@ class DistillationLoop:
                 if self.accelerator.is_main_process:
                     self.export_student(self.output_dir / "students" / f"step-{self.progress.global_step:07d}")
             at_end = self.progress.stage_step == total_steps
-            if self.progress.global_step % t.eval_steps == 0 or at_end:
+            if self._evaluation_due() or at_end:
                 train_metrics = {f"train_{k}": (v / window_steps).item() for k, v in sums.items()}
                 self._check_finite(train_metrics)
                 elapsed = time.perf_counter() - window_start
@@ -315,9 +315,24 @@ class DistillationLoop:
             "gradient_accumulation_steps, or give the trial a whole GPU"
         )
 
+    def _evaluation_due(self) -> bool:
+        """Every `eval_steps` steps, or (`eval_strategy: epoch`) at the step that ends an epoch of the stage.
+
+        An epoch is `micro_batches_per_epoch` micro-batches, so with gradient accumulation it may end
+        inside a step; that step evaluates. Every stage starts at the start of an epoch.
+        """
+        if self.training.eval_strategy == "epoch":
+            step = self.progress.stage_step
+            return self._epochs_done(step) > self._epochs_done(step - 1)
+        return self.progress.global_step % self.training.eval_steps == 0
+
+    def _epochs_done(self, stage_step: int) -> int:
+        return stage_step * self.training.gradient_accumulation_steps // self.micro_batches_per_epoch
+
     def _save_due(self) -> bool:
-        every = self.training.save_steps or self.training.eval_steps
-        return self.progress.global_step % every == 0
+        if self.training.save_steps is not None:
+            return self.progress.global_step % self.training.save_steps == 0
+        return self._evaluation_due()
 
     @torch.no_grad()
     def _teacher_view(self, batch: dict[str, torch.Tensor], stage: StagePlan):
