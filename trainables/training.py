@@ -25,6 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from datasets import Dataset
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, get_scheduler
 
@@ -118,6 +119,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "LayerNorm.bias")
 FUSED_ADAMW_DEVICES = frozenset({"cpu", "cuda"})
+PROBE_EXAMPLES = 2  # what a stage's loss reaches does not depend on the batch
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -171,7 +173,10 @@ class DistillationLoop:
         self.export_student = export_student
         self.snapshot_steps = snapshot_steps
         self.progress = Progress()
-        self.distiller = accelerator.prepare_model(distiller)
+        # Placement and mixed precision here; the data-parallel wrapper is built per stage, over the
+        # parameters that stage trains (_start_stage).
+        self.distiller = accelerator.prepare_model(distiller, evaluation_mode=True)
+        self._trainable = {n for n, p in distiller.named_parameters() if p.requires_grad}
         self.teacher = teacher
         if teacher is not None:
             self.teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
@@ -180,7 +185,7 @@ class DistillationLoop:
         self._lengths = [len(ids) for ids in data.train["input_ids"]]
         # a second objective for multi-objective searches (accuracy against size)
         self.student_parameters = sum(p.numel() for p in accelerator.unwrap_model(self.distiller).student.parameters())
-        self._build_optimizer()
+        self._start_stage()
 
     # --- schedule ----------------------------------------------------------------------------
 
@@ -199,6 +204,45 @@ class DistillationLoop:
         if t.max_steps > 0:
             return t.max_steps
         return max(1, math.ceil(t.num_train_epochs * self.micro_batches_per_epoch / t.gradient_accumulation_steps))
+
+    def _start_stage(self) -> None:
+        """The current stage's trainable parameters, data-parallel wrapper, optimiser and schedule."""
+        if self.accelerator.use_distributed:
+            self._train_only_reached(self.stages[self.progress.stage_index])
+            module = self.accelerator.unwrap_model(self.distiller)
+            device_ids = [self.accelerator.device.index] if self.accelerator.device.type == "cuda" else None
+            self.distiller = DistributedDataParallel(module, device_ids=device_ids)
+        self._build_optimizer()
+
+    def _train_only_reached(self, stage: StagePlan) -> None:
+        """Freeze the parameters `stage`'s loss does not reach, as every process agrees.
+
+        DDP all-reduces every parameter it holds and fails at the second step when one got no
+        gradient: attention objectives on the top layer without MLM, say, leave the LM head and
+        that layer's value and feed-forward weights out of the loss. Every process probes the same
+        stage, so all find the same set; a parameter any of them reached is trained. A later stage
+        that reaches a frozen parameter trains it again. One process needs none of this: AdamW and
+        clipping skip a parameter without a gradient.
+        """
+        module = self.accelerator.unwrap_model(self.distiller)
+        named = [(n, p) for n, p in module.named_parameters() if n in self._trainable]
+        for _, p in named:
+            p.requires_grad_(True)
+        unreached = self._probe_unreached(module, stage)
+        reached = torch.tensor([float(n not in unreached) for n, _ in named], device=self.accelerator.device)
+        for (_, p), count in zip(named, self.accelerator.reduce(reached, "sum").tolist()):
+            p.requires_grad_(count > 0)
+
+    def _probe_unreached(self, module: Distiller, stage: StagePlan) -> set[str]:
+        """`Distiller.unreached_parameters` on the first training examples, leaving the RNGs as they were."""
+        state = rng_state()
+        try:
+            batch = self.data.collate(rows(self.data.train, list(range(min(PROBE_EXAMPLES, len(self._lengths))))))
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            module.train()
+            return module.unreached_parameters(batch, self._teacher_view(batch, stage), stage)
+        finally:
+            set_rng_state(state)
 
     def _build_optimizer(self) -> None:
         """A fresh AdamW and schedule per stage, as the study resets them between stages."""
@@ -228,7 +272,7 @@ class DistillationLoop:
             self.progress.epoch = 0
             self.progress.batches_in_epoch = 0
             if self.progress.stage_index < len(self.stages):
-                self._build_optimizer()
+                self._start_stage()
         return metrics or self.evaluate(self.stages[-1])
 
     def _micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -443,6 +487,7 @@ class DistillationLoop:
         state = torch.load(path / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
         self.progress = progress
         self.accelerator.unwrap_model(self.distiller).load_state_dict(state["distiller"])
+        self._start_stage()  # the optimiser of the checkpoint's stage, over that stage's parameters
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
