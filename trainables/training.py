@@ -3,7 +3,7 @@
 Built on Accelerate (device placement, mixed precision, data parallelism, gradient sync) with the
 step itself written out, so what happens in a step is visible in the step. Resume is exact: data
 order is a pure function of (seed, epoch), and checkpoints hold weights, optimiser, scheduler,
-RNG states and the position in the epoch.
+the fp16 loss scale, RNG states and the position in the epoch.
 """
 
 from __future__ import annotations
@@ -173,6 +173,8 @@ class DistillationLoop:
         self.export_student = export_student
         self.snapshot_steps = snapshot_steps
         self.progress = Progress()
+        # fp16 on a GPU: Accelerate's GradScaler, stepped here (_optimizer_step); None otherwise.
+        self.scaler = accelerator.scaler
         # Placement and mixed precision here; the data-parallel wrapper is built per stage, over the
         # parameters that stage trains (_start_stage).
         self.distiller = accelerator.prepare_model(distiller, evaluation_mode=True)
@@ -306,11 +308,7 @@ class DistillationLoop:
                     raise self._out_of_memory(batch) from err
                 for name, value in {"loss": loss, **terms}.items():
                     sums[name] = sums.get(name, 0.0) + value.detach().float() / t.gradient_accumulation_steps
-            if t.max_grad_norm > 0:
-                self.accelerator.clip_grad_norm_(self.distiller.parameters(), t.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self._optimizer_step()
             self.progress.stage_step += 1
             self.progress.global_step += 1
             window_steps += 1
@@ -344,8 +342,31 @@ class DistillationLoop:
         with context, self.accelerator.autocast():
             teacher_view = self._teacher_view(batch, stage)
             loss, terms = self.distiller(batch, teacher_view, stage)
-            self.accelerator.backward(loss / self.training.gradient_accumulation_steps)
+            scaled = loss / self.training.gradient_accumulation_steps
+            (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
         return loss, terms
+
+    def _optimizer_step(self) -> None:
+        """Clip and apply the accumulated gradients, advance the schedule, clear the gradients.
+
+        Under fp16 the gradients carry the loss scale: they are unscaled before clipping; the
+        scaler skips a step whose gradients hold inf or NaN and halves the scale (the schedule
+        waits, as Accelerate's does), and grows the scale again after a run of clean steps.
+        """
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.training.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.distiller.parameters(), self.training.max_grad_norm)
+        if self.scaler is None:
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.scaler.get_scale() >= scale:
+                self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _out_of_memory(self, batch: dict[str, torch.Tensor]) -> TrialOutOfMemoryError:
         student = self.accelerator.unwrap_model(self.distiller)
@@ -471,6 +492,8 @@ class DistillationLoop:
                 "scheduler": self.scheduler.state_dict(),
                 "rng": rng_state(),
             }
+            if self.scaler is not None:
+                state["scaler"] = self.scaler.state_dict()
             torch.save(state, path / CHECKPOINT_STATE)
             (path / CHECKPOINT_PROGRESS).write_text(json.dumps(asdict(self.progress)))
             self._prune_checkpoints(keep=path)
@@ -490,6 +513,8 @@ class DistillationLoop:
         self._start_stage()  # the optimiser of the checkpoint's stage, over that stage's parameters
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
 
 
