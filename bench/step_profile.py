@@ -88,10 +88,7 @@ def profiled_step(loop, stage, batches, count_flops: bool = False) -> tuple[dict
             total = total + term.weight * value
         _, phases["backward"] = timed(total.backward)
     start = time.perf_counter()
-    loop.accelerator.clip_grad_norm_(loop.distiller.parameters(), loop.training.max_grad_norm)
-    loop.optimizer.step()
-    loop.scheduler.step()
-    loop.optimizer.zero_grad(set_to_none=True)
+    loop._optimizer_step()
     phases["optimizer"] = time.perf_counter() - start
     return phases, float(counter.get_total_flops()) if counter is not None else 0.0
 
@@ -101,10 +98,7 @@ def whole_step(loop, stage, batches) -> float:
     start = time.perf_counter()
     batch = next(batches)
     loop._forward_backward(batch, stage, sync=True)
-    loop.accelerator.clip_grad_norm_(loop.distiller.parameters(), loop.training.max_grad_norm)
-    loop.optimizer.step()
-    loop.scheduler.step()
-    loop.optimizer.zero_grad(set_to_none=True)
+    loop._optimizer_step()
     return time.perf_counter() - start
 
 

@@ -62,6 +62,13 @@ def test_duplicate_objectives_are_rejected() -> None:
     assert "more than once" in rejected({"objectives": [{"name": "kd"}, {"name": "kd"}]})
 
 
+def test_crd_is_rejected_with_several_data_parallel_processes() -> None:
+    objectives = [{"name": "kd"}, {"name": "crd"}]
+    message = rejected({"objectives": objectives, "training": {"num_processes": 2}})
+    assert "objectives.1.name 'crd'" in message and "training.num_processes is 2" in message
+    assert RunConfig.model_validate({**BASE, "objectives": objectives}).training.num_processes == 1
+
+
 def test_both_precisions_are_rejected() -> None:
     assert "bf16" in rejected({"training": {"bf16": True, "fp16": True}})
 

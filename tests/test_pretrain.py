@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from trainables.config import PretrainConfig
+from trainables.config import ObjectiveSpec, PretrainConfig
 from trainables.launch import run_data_parallel
 from trainables.pretrain import pretrain
 
@@ -90,3 +91,17 @@ def test_two_gloo_processes_train_one_student_data_parallel(tiny_demo_teacher, t
     assert [r["step"] for r in reports] == [3, 6]
     assert final["step"] == 6 and final["eval_loss"] > 0
     assert (tmp_path / "ddp" / "student" / "config.json").exists()
+
+
+@pytest.mark.parametrize("objective", ["att_kl", "minilm"])
+def test_attention_only_distillation_of_the_top_layer_runs_data_parallel(
+    objective, tiny_demo_teacher, tweet_corpus, demo_cache, tmp_path
+):
+    """The paper's task-agnostic shape: no MLM loss and attention objectives on the last layer leave
+    the MLM head and the last layer's value/FFN weights out of the loss, which DDP must cope with."""
+    cfg = pretrain_config(tiny_demo_teacher, tweet_corpus, demo_cache, tmp_path / "ddp", max_steps=4, eval_steps=2)
+    cfg = cfg.model_copy(update={"objectives": [ObjectiveSpec(name=objective)], "mlm_weight": 0.0, "mapping": [3]})
+    reports: list[dict] = []
+    final = run_data_parallel(pretrain, cfg, num_processes=2, reporter=lambda m, c: reports.append(m))
+    assert [r["step"] for r in reports] == [2, 4]
+    assert all(math.isfinite(r[f"train_{objective}"]) for r in reports) and final[f"eval_{objective}"] > 0

@@ -6,10 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForSequenceClassification
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from trainables.config import RunConfig
-from trainables.run import distill
+from trainables.distiller import task_loss
+from trainables.launch import run_data_parallel
+from trainables.run import distill, load_task_data
+from trainables.tasks import resolve_task
 from trainables.training import NonFiniteLossError
 
 TRAINING = {"learning_rate": 1e-3, "per_device_train_batch_size": 32, "max_seq_length": 48}
@@ -210,3 +215,37 @@ def test_metric_for_best_model_the_task_does_not_report_is_refused(tiny_demo_tea
                      training={"max_steps": 2, "metric_for_best_model": "matthews_correlation"})
     with pytest.raises(ValueError, match="metric_for_best_model 'matthews_correlation': task tweets reports accuracy, f1"):
         distill(cfg)
+
+
+def saved_student_eval_loss(cfg: RunConfig) -> float:
+    """The validation loss of the student a run saved, computed here in one process."""
+    path = cfg.output_dir / "student"
+    student = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    data = load_task_data(resolve_task(cfg.task), AutoTokenizer.from_pretrained(path), cfg.training, cfg.cache_dir)
+    total = 0.0
+    with torch.no_grad():
+        for batch in DataLoader(data.validation, batch_size=64, collate_fn=data.collate):
+            inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            total += task_loss(student(**inputs).logits, batch["labels"]).item() * len(batch["labels"])
+    return total / len(data.validation)
+
+
+def test_two_stage_data_parallel_run_trains_the_classifier_in_stage_two_alike_on_every_process(
+    tiny_demo_teacher, demo_cache, tmp_path
+):
+    """Stage 1 (attention only) leaves the classifier out of the loss, stage 2 trains it."""
+    cfg = run_config(
+        tiny_demo_teacher, demo_cache, tmp_path / "ddp",
+        objectives=[{"name": "att_mse"}, {"name": "kd", "weight": 0.5}],
+        stages="two_stage",
+        training={"max_steps": 4, "eval_steps": 4, "mixed_precision": "no", "num_processes": 2},
+    )
+    final = run_data_parallel(distill, cfg, num_processes=2)
+    stage_one, stage_two = (
+        torch.load(path / "state.pt", weights_only=False)["distiller"]["student.classifier.weight"]
+        for path in sorted((tmp_path / "ddp" / "checkpoints").iterdir())
+    )
+    assert final["step"] == 8 and not torch.equal(stage_one, stage_two)
+    # Each process evaluates its shard with its own weights: the gathered loss is the saved
+    # student's only if the processes trained the same weights.
+    assert final["eval_loss"] == pytest.approx(saved_student_eval_loss(cfg), rel=1e-5)

@@ -241,6 +241,14 @@ class RunConfig(StrictModel):
                 f"mapping lists {len(self.mapping)} teacher layers {self.mapping} but the student has "
                 f"{self.student.num_layers} layers: give at most one teacher layer per student layer"
             )
+        stateful = [i for i, n in enumerate(names) if REGISTRY[n].keeps_state]
+        if stateful and self.training.num_processes > 1:
+            name = names[stateful[0]]
+            raise ValueError(
+                f"objectives.{stateful[0]}.name {name!r} updates per-example memory banks that data-parallel "
+                f"processes would not share, but training.num_processes is {self.training.num_processes}: "
+                f"set training.num_processes to 1, or drop {name!r}"
+            )
         if self.stages == "two_stage":
             if not any(REGISTRY[n].stage is Stage.INTERMEDIATE for n in names):
                 raise ValueError(

@@ -17,7 +17,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict, load_dataset
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
-from trainables.data import cache_root
+from trainables.data import cache_root, save_atomically
 
 TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 BLOCKS_FORMAT = 1
@@ -109,9 +109,7 @@ def block_splits(
         train=train.add_column("example_id", list(range(len(train)))),
         validation=splits["test"].add_column("example_id", list(range(len(splits["test"])))),
     )
-    partial = path.with_name(path.name + ".partial")
-    result.save_to_disk(str(partial))
-    partial.rename(path)
+    save_atomically(result, path)
     return DatasetDict.load_from_disk(str(path))
 
 

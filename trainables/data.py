@@ -228,12 +228,13 @@ def tokenized_splits(
             {split: _tokenize(ds, spec, tokenizer, max_seq_length, f"{key}-{split}")
              for split, ds in sampled.items()}
         )
-        _save_atomically(tokenized, path)
+        save_atomically(tokenized, path)
     return load_from_disk(str(path))
 
 
-def _save_atomically(splits: DatasetDict, path: Path) -> None:
-    """Concurrent trials may tokenise at once; the first rename wins and the others drop their copy."""
+def save_atomically(splits: DatasetDict, path: Path) -> None:
+    """Concurrent writers (trials, data-parallel ranks) may build the same cache entry: the first
+    rename wins and the others drop their copy."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
     splits.save_to_disk(str(tmp))

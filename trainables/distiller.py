@@ -127,6 +127,24 @@ class Distiller(nn.Module):
                     total = total + weight * values[term.name]
         return total, values
 
+    def unreached_parameters(
+        self, batch: dict[str, Tensor], teacher_view: ModelView | None, stage: StagePlan
+    ) -> set[str]:
+        """Names of the trainable parameters that `stage`'s loss does not depend on.
+
+        Autograd decides from one batch: what the loss reaches follows from the stage's terms, the
+        layer pairs and the architecture, not from the data. Buffers the forward moves (CRD's
+        memory banks) are put back, so the probe leaves no trace.
+        """
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        buffers = {n: b.clone() for n, b in self.named_buffers()}
+        loss, _ = self(batch, teacher_view, stage)
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        with torch.no_grad():
+            for n, b in self.named_buffers():
+                b.copy_(buffers[n])
+        return {n for (n, _), g in zip(named, grads) if g is None}
+
 
 def task_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Cross-entropy for classification, MSE for a single-output regression head, and masked-LM

@@ -64,6 +64,7 @@ class Objective:
     needs_labels: bool
     matches_heads: bool
     build_module: BuildFn | None
+    keeps_state: bool
 
     def parse_params(self, raw: dict[str, Any]) -> BaseModel:
         """Validate an objective's own parameters; errors name the objective."""
@@ -85,6 +86,7 @@ def objective(
     needs_labels: bool = False,
     matches_heads: bool = False,
     module: BuildFn | None = None,
+    keeps_state: bool = False,
 ) -> Callable[[ComputeFn], ComputeFn]:
     """Register `fn` under `name`.
 
@@ -93,13 +95,15 @@ def objective(
     matches_heads: student and teacher heads are paired by index, so their counts must agree.
     module: builds the objective's trainable module (projection, memory banks) from the run's
     shapes and the parameters; it returns None when this run needs none.
+    keeps_state: the module's buffers change at every training step (CRD's memory banks); each
+    data-parallel process would change its own copy, so the objective trains in one process only.
     """
 
     def register(fn: ComputeFn) -> ComputeFn:
         if name in REGISTRY:
             raise ValueError(f"objective {name!r} registered twice")
         REGISTRY[name] = Objective(
-            name, fn, stage, params, needs_qkv, needs_labels, matches_heads, module
+            name, fn, stage, params, needs_qkv, needs_labels, matches_heads, module, keeps_state
         )
         return fn
 
@@ -470,7 +474,7 @@ def build_contrastive_memory(ctx: ModuleContext, params: CRDParams) -> Contrasti
     return ContrastiveMemory(ctx, params)
 
 
-@objective("crd", params=CRDParams, needs_labels=True, module=build_contrastive_memory)
+@objective("crd", params=CRDParams, needs_labels=True, module=build_contrastive_memory, keeps_state=True)
 def crd(batch: DistillBatch, params: CRDParams, module: nn.Module | None) -> Tensor:
     """Contrastive representation distillation on all layers' first-token vectors (paper 3.5).
 

@@ -3,7 +3,7 @@
 Built on Accelerate (device placement, mixed precision, data parallelism, gradient sync) with the
 step itself written out, so what happens in a step is visible in the step. Resume is exact: data
 order is a pure function of (seed, epoch), and checkpoints hold weights, optimiser, scheduler,
-RNG states and the position in the epoch.
+the fp16 loss scale, RNG states and the position in the epoch.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from datasets import Dataset
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, get_scheduler
 
@@ -118,6 +119,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "LayerNorm.bias")
 FUSED_ADAMW_DEVICES = frozenset({"cpu", "cuda"})
+PROBE_EXAMPLES = 2  # what a stage's loss reaches does not depend on the batch
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -171,7 +173,12 @@ class DistillationLoop:
         self.export_student = export_student
         self.snapshot_steps = snapshot_steps
         self.progress = Progress()
-        self.distiller = accelerator.prepare_model(distiller)
+        # fp16 on a GPU: Accelerate's GradScaler, stepped here (_optimizer_step); None otherwise.
+        self.scaler = accelerator.scaler
+        # Placement and mixed precision here; the data-parallel wrapper is built per stage, over the
+        # parameters that stage trains (_start_stage).
+        self.distiller = accelerator.prepare_model(distiller, evaluation_mode=True)
+        self._trainable = {n for n, p in distiller.named_parameters() if p.requires_grad}
         self.teacher = teacher
         if teacher is not None:
             self.teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
@@ -180,7 +187,7 @@ class DistillationLoop:
         self._lengths = [len(ids) for ids in data.train["input_ids"]]
         # a second objective for multi-objective searches (accuracy against size)
         self.student_parameters = sum(p.numel() for p in accelerator.unwrap_model(self.distiller).student.parameters())
-        self._build_optimizer()
+        self._start_stage()
 
     # --- schedule ----------------------------------------------------------------------------
 
@@ -199,6 +206,45 @@ class DistillationLoop:
         if t.max_steps > 0:
             return t.max_steps
         return max(1, math.ceil(t.num_train_epochs * self.micro_batches_per_epoch / t.gradient_accumulation_steps))
+
+    def _start_stage(self) -> None:
+        """The current stage's trainable parameters, data-parallel wrapper, optimiser and schedule."""
+        if self.accelerator.use_distributed:
+            self._train_only_reached(self.stages[self.progress.stage_index])
+            module = self.accelerator.unwrap_model(self.distiller)
+            device_ids = [self.accelerator.device.index] if self.accelerator.device.type == "cuda" else None
+            self.distiller = DistributedDataParallel(module, device_ids=device_ids)
+        self._build_optimizer()
+
+    def _train_only_reached(self, stage: StagePlan) -> None:
+        """Freeze the parameters `stage`'s loss does not reach, as every process agrees.
+
+        DDP all-reduces every parameter it holds and fails at the second step when one got no
+        gradient: attention objectives on the top layer without MLM, say, leave the LM head and
+        that layer's value and feed-forward weights out of the loss. Every process probes the same
+        stage, so all find the same set; a parameter any of them reached is trained. A later stage
+        that reaches a frozen parameter trains it again. One process needs none of this: AdamW and
+        clipping skip a parameter without a gradient.
+        """
+        module = self.accelerator.unwrap_model(self.distiller)
+        named = [(n, p) for n, p in module.named_parameters() if n in self._trainable]
+        for _, p in named:
+            p.requires_grad_(True)
+        unreached = self._probe_unreached(module, stage)
+        reached = torch.tensor([float(n not in unreached) for n, _ in named], device=self.accelerator.device)
+        for (_, p), count in zip(named, self.accelerator.reduce(reached, "sum").tolist()):
+            p.requires_grad_(count > 0)
+
+    def _probe_unreached(self, module: Distiller, stage: StagePlan) -> set[str]:
+        """`Distiller.unreached_parameters` on the first training examples, leaving the RNGs as they were."""
+        state = rng_state()
+        try:
+            batch = self.data.collate(rows(self.data.train, list(range(min(PROBE_EXAMPLES, len(self._lengths))))))
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            module.train()
+            return module.unreached_parameters(batch, self._teacher_view(batch, stage), stage)
+        finally:
+            set_rng_state(state)
 
     def _build_optimizer(self) -> None:
         """A fresh AdamW and schedule per stage, as the study resets them between stages."""
@@ -228,7 +274,7 @@ class DistillationLoop:
             self.progress.epoch = 0
             self.progress.batches_in_epoch = 0
             if self.progress.stage_index < len(self.stages):
-                self._build_optimizer()
+                self._start_stage()
         return metrics or self.evaluate(self.stages[-1])
 
     def _micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -262,11 +308,7 @@ class DistillationLoop:
                     raise self._out_of_memory(batch) from err
                 for name, value in {"loss": loss, **terms}.items():
                     sums[name] = sums.get(name, 0.0) + value.detach().float() / t.gradient_accumulation_steps
-            if t.max_grad_norm > 0:
-                self.accelerator.clip_grad_norm_(self.distiller.parameters(), t.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self._optimizer_step()
             self.progress.stage_step += 1
             self.progress.global_step += 1
             window_steps += 1
@@ -300,8 +342,31 @@ class DistillationLoop:
         with context, self.accelerator.autocast():
             teacher_view = self._teacher_view(batch, stage)
             loss, terms = self.distiller(batch, teacher_view, stage)
-            self.accelerator.backward(loss / self.training.gradient_accumulation_steps)
+            scaled = loss / self.training.gradient_accumulation_steps
+            (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
         return loss, terms
+
+    def _optimizer_step(self) -> None:
+        """Clip and apply the accumulated gradients, advance the schedule, clear the gradients.
+
+        Under fp16 the gradients carry the loss scale: they are unscaled before clipping; the
+        scaler skips a step whose gradients hold inf or NaN and halves the scale (the schedule
+        waits, as Accelerate's does), and grows the scale again after a run of clean steps.
+        """
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.training.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.distiller.parameters(), self.training.max_grad_norm)
+        if self.scaler is None:
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.scaler.get_scale() >= scale:
+                self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _out_of_memory(self, batch: dict[str, torch.Tensor]) -> TrialOutOfMemoryError:
         student = self.accelerator.unwrap_model(self.distiller)
@@ -457,6 +522,8 @@ class DistillationLoop:
                 "scheduler": self.scheduler.state_dict(),
                 "rng": rng_state(),
             }
+            if self.scaler is not None:
+                state["scaler"] = self.scaler.state_dict()
             torch.save(state, path / CHECKPOINT_STATE)
             (path / CHECKPOINT_PROGRESS).write_text(json.dumps(asdict(self.progress)))
             self._prune_checkpoints(keep=path)
@@ -473,8 +540,11 @@ class DistillationLoop:
         state = torch.load(path / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
         self.progress = progress
         self.accelerator.unwrap_model(self.distiller).load_state_dict(state["distiller"])
+        self._start_stage()  # the optimiser of the checkpoint's stage, over that stage's parameters
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
 
 
