@@ -109,10 +109,10 @@ def test_two_stage_trials_are_judged_only_in_their_prediction_stage(tiny_demo_te
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = trial_results(tmp_path / "sweeps" / "tiny")
     assert len(results) == 6
-    two_stage = {t: rows for t, rows in results.items() if rows[0]["stage_name"] == "intermediate"}
+    two_stage = {t: rows for t, rows in results.items() if rows[0]["total_steps"] == 24}  # 12 steps a stage
     assert two_stage, "no trial drew the two-stage mix"
     for rows in two_stage.values():
-        stage_one = [r for r in rows if r["stage_name"] == "intermediate"]
+        stage_one = [r for r in rows if r["stage"] == 0]
         assert [r["step"] for r in stage_one] == [4, 8, 12], "a two-stage trial was stopped in stage 1"
         assert not any("score" in r for r in stage_one)
     for rows in results.values():
