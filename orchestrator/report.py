@@ -131,9 +131,21 @@ def split_keys(records: list[TrialRecord]) -> list[str]:
 
 
 def row_label(record: TrialRecord, keys: list[str]) -> str:
+    """`kd (student.num_attention_heads=6, training.learning_rate=0.000386)`: the mix and what else
+    makes this configuration one of its own."""
     if not keys:
         return record.objective_mix
-    return record.objective_mix + " | " + ", ".join(f"{k}={record.setting.get(k, '-')}" for k in keys)
+    values = ", ".join(f"{key}={short(record.setting.get(key, '-'))}" for key in keys)
+    return f"{record.objective_mix} ({values})"
+
+
+def short(value: str) -> str:
+    """Drawn floats at 3 significant digits: enough to tell configurations apart in a row label."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if number.is_integer() else f"{number:.3g}"
 
 
 def in_cell(record: TrialRecord, value: str, include_stopped: bool) -> bool:

@@ -57,9 +57,9 @@ def test_trials_differing_in_another_key_are_never_merged_into_one_cell() -> Non
         record("c", "kd", "upper", 2, 0.90, COMPLETED, **{"student.num_attention_heads": "12"}),
     ]
     table = study_tables(records)["demo"]
-    assert list(table.index) == ["kd | student.num_attention_heads=12", "kd | student.num_attention_heads=6"]
-    assert table.loc["kd | student.num_attention_heads=12", "upper"] == f"85.0 ± {100 * math.sqrt(0.005):.1f} (n=2)"
-    assert table.loc["kd | student.num_attention_heads=6", "upper"] == "70.0 (n=1)"
+    assert list(table.index) == ["kd (student.num_attention_heads=12)", "kd (student.num_attention_heads=6)"]
+    assert table.loc["kd (student.num_attention_heads=12)", "upper"] == f"85.0 ± {100 * math.sqrt(0.005):.1f} (n=2)"
+    assert table.loc["kd (student.num_attention_heads=6)", "upper"] == "70.0 (n=1)"
 
 
 def test_failed_trials_are_counted_beside_the_cell_not_averaged() -> None:
