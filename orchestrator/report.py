@@ -86,7 +86,10 @@ def read_trials(experiment_dir: Path, template: TrialTemplate) -> list[TrialReco
             continue
         scored = [r for r in rows if "score" in r]
         drawn = json.loads(params_file.read_text())
-        cfg = template.resolve(drawn)
+        try:
+            cfg = template.resolve(drawn)
+        except ValueError:
+            continue  # a draw that is no valid config never trained; its trial failed with the reason
         last = max(rows, key=lambda r: r.get("step", 0)) if rows else None
         last_scored = max(scored, key=lambda r: r.get("step", 0)) if scored else None
         records.append(
