@@ -23,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestrator.messages import UserError, describe_error
+from trainables.config import read_yaml
 
 def quiet_libraries() -> None:
     """Library progress bars and load reports drown ours; warnings and errors still show."""
@@ -70,7 +71,10 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UserError(f"--set {pair!r}: expected KEY=VALUE, e.g. training.learning_rate=1e-4")
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"--set {pair!r}: the value is not valid YAML; quote it, e.g. --set 'key=\"text\"'") from None
     return overrides
 
 
@@ -161,7 +165,7 @@ def prepare_teacher(
 def load_task_arg(task: str) -> Any:
     """A task name, or the mapping inside a local-task YAML file."""
     if task.endswith((".yaml", ".yml")):
-        return yaml.safe_load(Path(task).read_text())
+        return read_yaml(Path(task))
     return task
 
 

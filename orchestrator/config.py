@@ -12,10 +12,9 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_serializer, model_validator
 
-from trainables.config import MIX_KEY, StrictModel, TrainingConfig, set_dotted
+from trainables.config import MIX_KEY, StrictModel, TrainingConfig, read_yaml, set_dotted
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint", "quniform")
 
@@ -267,7 +266,7 @@ def load_sweep_spec(path: Path, overrides: dict[str, Any] | None = None) -> Swee
     fixes a space entry (keys inside `space` and `teachers` are dotted paths themselves, so
     everything after `space.` is one key).
     """
-    raw = yaml.safe_load(Path(path).read_text())
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping with name, base, space, ...")
     raw.setdefault("name", Path(path).stem)

@@ -7,6 +7,7 @@ Optuna gets a define-by-run function, so its TPE model never sees parameters tha
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +16,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from orchestrator.config import Distribution, SweepSpec
 from orchestrator.messages import UserError, describe_error
-from trainables.config import MIX_KEY, ObjectiveSpec, RunConfig, TrialTemplate, check_against_teacher
+from trainables.config import MIX_KEY, LocalTask, ObjectiveSpec, RunConfig, TrialTemplate, check_against_teacher
 
 MAX_CHECKED_COMBINATIONS = 20_000
 
@@ -114,18 +115,32 @@ def checked_config(
             check_against_teacher(cfg, *teacher_shape(cfg))
         if template.kind == "distill":
             check_task(cfg.task, cfg.training.metric_for_best_model)
-    except (ValidationError, ValueError) as err:
+    except (ValidationError, ValueError, OSError) as err:
         raise UserError(f"{where} is invalid: {describe_error(err)}") from None
     return cfg
 
 
 def check_task(task: Any, metric_for_best_model: str | None = None) -> None:
-    """An unknown task name, or a selection metric the task does not report, fails here rather than in
-    every trial (local task files are read by the trial)."""
+    """An unknown task name, a local task whose files cannot be trained on, or a selection metric
+    the task does not report fails here rather than in every trial."""
     from trainables.tasks import resolve_task, selection_metric
 
-    if isinstance(task, str) and task.lower() != "demo":  # the demo task would be unpacked just to be named
+    if isinstance(task, LocalTask):
+        selection_metric(checked_local_task(task), metric_for_best_model)
+    elif task.lower() != "demo":  # the demo task would be unpacked just to be named
         selection_metric(resolve_task(task), metric_for_best_model)
+
+
+@functools.cache
+def checked_local_task(task: LocalTask) -> Any:
+    """Both files read as a trial will read them: present, readable, text and label columns there,
+    labels usable as class ids (or floats for regression). Once per task, however many trials."""
+    from trainables.data import load_raw_splits
+    from trainables.tasks import resolve_task
+
+    spec = resolve_task(task)
+    load_raw_splits(spec)
+    return spec
 
 
 def check_base_objectives(base: dict[str, Any]) -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 from pydantic import Field
 
 from orchestrator.config import Resources, SchedulerConfig, SearchConfig, SweepSpec, TrackingConfig
@@ -22,7 +21,7 @@ from orchestrator.messages import UserError
 from orchestrator.report import markdown_table, read_trials
 from orchestrator.status import experiment_dir
 from orchestrator.sweep import STATE_FILE, SweepState, resume_sweep, start_sweep, sweep_dir, validate
-from trainables.config import StrictModel, set_dotted
+from trainables.config import StrictModel, read_yaml, set_dotted
 
 STUDY_FILE = "study.json"
 PLACEHOLDER_STUDENT = "runs:/stage-1-student/student"
@@ -84,7 +83,7 @@ class StudyState:
 
 
 def load_study_spec(path: Path, overrides: dict[str, Any] | None = None) -> StudySpec:
-    raw = yaml.safe_load(Path(path).read_text())
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping with name, distill, finetune, ...")
     raw.setdefault("name", Path(path).stem)

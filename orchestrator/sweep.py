@@ -406,13 +406,14 @@ def run_tuner(state: SweepState, address: str | None, restore: bool, retry_error
         {"op": "tags", "key": "sweep", "tags": {"trials": len(results), "failed_trials": len(failed),
                                                  "stopped_trials": stopped}}
     )
-    tracker.journal.submit({"op": "end", "key": "sweep", "status": "FINISHED"})
+    every_trial_failed = bool(results) and len(failed) == len(results)
+    tracker.journal.submit({"op": "end", "key": "sweep", "status": "FAILED" if every_trial_failed else "FINISHED"})
     tracker.finish()
     finished = len(results) - len(failed)
     print(f"[distillsweep] {finished} of {len(results)} trials finished ({finished - stopped} completed their budget, "
           f"{stopped} stopped early by the scheduler), {len(failed)} failed")
     for result in failed:
         print(f"  failed: {Path(result.path).name}: {last_line(result.error)[:300]}")
-    if results and len(failed) == len(results):
+    if every_trial_failed:
         raise UserError(f"every trial failed; the first error: {last_line(failed[0].error)}")
     return results

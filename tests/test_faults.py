@@ -128,6 +128,16 @@ def test_diverging_trial_fails_with_its_reason_and_the_others_finish(tiny_demo_t
     assert "1 completed, 1 diverged" in status.stdout
 
 
+def test_sweep_whose_every_trial_fails_marks_its_parent_run_failed(tiny_demo_teacher, demo_cache, tmp_path):
+    spec = tiny_space(tiny_demo_teacher, tmp_path, space={"training.seed": {"grid": [1]}}, max_failures=0)
+    spec["base"]["objectives"] = [{"name": "hidden_mse", "weight": 1.0}]
+    spec["base"]["training"].update(learning_rate=1e12, max_grad_norm=0.0, warmup_ratio=0.0)
+    done = distillsweep(["sweep", str(write_space(spec, tmp_path / "s.yaml"))], demo_cache, tmp_path)
+    assert done.returncode == 2 and "every trial failed" in done.stderr + done.stdout
+    parent, children = sweep_runs(spec["tracking"]["uri"], "tests")
+    assert parent.info.status == "FAILED" and [c.info.status for c in children] == ["FAILED"]
+
+
 def ray_start(*args: str, env: dict) -> None:
     subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", *args], env=env, check=True,
                    capture_output=True, timeout=120)

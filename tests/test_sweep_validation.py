@@ -189,3 +189,44 @@ def test_each_task_teacher_gets_its_recipe_and_a_cache_folder_of_its_own(tmp_pat
     assert recipe["mrpc"] == shared["mrpc"] and recipe["mrpc"].training.learning_rate == 2e-5
     assert cached_teacher_dir(recipe["rte"], teacher_dir) != cached_teacher_dir(shared["rte"], teacher_dir)
     assert cached_teacher_dir(recipe["mrpc"], teacher_dir) == cached_teacher_dir(shared["mrpc"], teacher_dir)
+
+
+def test_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("name: check\nbase:\n\tteacher: t\n")
+    result = runner.invoke(app, ["sweep", str(path), "--dry-run"])
+    assert result.exit_code == 2, result.output
+    assert f"{path}:3:1: not valid YAML" in " ".join(result.output.split())
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 3
+
+
+def local_task(tmp_path: Path, train: str, validation: str | None = None) -> dict:
+    (tmp_path / "train.csv").write_text(train)
+    if validation is not None:
+        (tmp_path / "validation.csv").write_text(validation)
+    return {"name": "tweets", "train_file": str(tmp_path / "train.csv"),
+            "validation_file": str(tmp_path / "validation.csv")}
+
+
+@pytest.mark.parametrize(
+    ("train", "validation", "named"),
+    [
+        ("text,label\na,0\nb,1\n", None, "task.validation_file"),
+        ("text,label\na,0\nb,1\n", "text,stars\na,0\n", "column 'label' not found"),
+        ("text,label\na,0\nb,1\n", "text,label\na,0\nb,7\n", "holds labels [7]; allowed: ids 0..1"),
+        ("sentence,label\na,0\nb,1\n", "sentence,label\na,0\n", "column 'text' not found"),
+    ],
+)
+def test_unusable_local_task_files_are_refused_before_ray_starts(tmp_path, teacher_dir, train, validation, named):
+    spec = space(teacher_dir, **{"base/task": local_task(tmp_path, train, validation)})
+    code, out = dry_run(tmp_path, spec)
+    assert code == 2, out
+    assert named in " ".join(out.split()) and "Traceback" not in out
+    assert not ray.is_initialized()
+
+
+def test_student_width_not_divisible_by_its_heads_is_refused(tmp_path, teacher_dir):
+    spec = space(teacher_dir, **{"base/student": {"num_layers": 2, "hidden_size": 30, "num_attention_heads": 4,
+                                                 "init": "random"}, "space/student.init": None})
+    code, out = dry_run(tmp_path, spec)
+    assert code == 2 and "student.hidden_size 30 is not a multiple of student.num_attention_heads 4" in " ".join(out.split())

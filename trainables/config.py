@@ -372,6 +372,12 @@ def check_against_teacher(
     if isinstance(cfg.mapping, list) and any(i > last for i in cfg.mapping):
         raise ValueError(f"mapping {cfg.mapping}: teacher has {teacher_layers} layers (0-{last})")
     student_heads = cfg.student.num_attention_heads or teacher_heads
+    student_width = cfg.student.hidden_size or teacher_width
+    if student_width and student_width % student_heads:
+        raise ValueError(
+            f"student.hidden_size {student_width} is not a multiple of student.num_attention_heads "
+            f"{student_heads}: each head takes an equal slice of the width"
+        )
     for spec in cfg.objectives:
         if REGISTRY[spec.name].matches_heads and student_heads != teacher_heads:
             raise ValueError(
@@ -390,11 +396,23 @@ def check_against_teacher(
                     )
 
 
-def load_run_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a YAML run config, apply dotted overrides (`training.learning_rate=1e-4`), validate."""
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content; a syntax error (a tab, an unclosed bracket) is one line naming the
+    file, line and column instead of a parser traceback."""
     import yaml
 
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{where}: not valid YAML: {problem}") from None
+
+
+def load_run_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML run config, apply dotted overrides (`training.learning_rate=1e-4`), validate."""
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping of config fields, got {type(raw).__name__}")
     for key, value in (overrides or {}).items():
