@@ -122,9 +122,10 @@ def run(
     bar, on_step = step_progress(f"distilling {cfg.objective_mix}")
 
     def show(metrics: dict[str, Any], checkpoint: Path | None) -> None:
-        bar.console.print(
-            f"step {metrics['step']:>6}  score {metrics['score']:.4f}  train_loss {metrics['train_loss']:.4f}"
-        )
+        # stage 1 of a two-stage run has no score yet (its classifier is untrained): its own loss instead
+        shown = (f"score {metrics['score']:.4f}" if "score" in metrics
+                 else f"stage 1 eval loss {metrics['eval_intermediate_loss']:.4f}")
+        bar.console.print(f"step {metrics['step']:>6}  {shown}  train_loss {metrics['train_loss']:.4f}")
 
     with bar:
         metrics = run_single(cfg, show, on_step, mlflow, tracking_uri, experiment, resume)

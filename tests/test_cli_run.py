@@ -53,6 +53,14 @@ def test_set_overrides_reach_the_run(tiny_demo_teacher, demo_cache, tmp_path):
     assert "step      4" in result.output and "step      8" not in result.output
 
 
+def test_two_stage_run_shows_stage_one_losses_then_scores(tiny_demo_teacher, demo_cache, tmp_path):
+    config = write_config(tmp_path / "run.yaml", tiny_demo_teacher, demo_cache, stages="two_stage")
+    result = runner.invoke(app, ["run", str(config), "--set", "training.max_steps=4"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("step")]
+    assert "step      4  stage 1 eval loss" in lines[0] and "step      8  score" in lines[1]
+
+
 def test_unknown_objective_is_a_message_not_a_traceback(tiny_demo_teacher, demo_cache, tmp_path):
     config = write_config(tmp_path / "run.yaml", tiny_demo_teacher, demo_cache, objectives=[{"name": "attn_kl"}])
     result = runner.invoke(app, ["run", str(config)])
