@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from trainables.training import DIVERGED_MESSAGE
+
 OutcomeKind = Literal["completed", "stopped", "failed", "diverged", "running", "pending"]
 OUTCOME_FILE = "outcome.json"
-# trainables.training.NonFiniteLossError's message; the orchestrator reads it from Tune's error text.
-DIVERGED_TEXT = "loss became non-finite"
 MLFLOW_STATUS = {"completed": "FINISHED", "stopped": "KILLED", "failed": "FAILED", "diverged": "FAILED"}
 
 
@@ -52,7 +52,7 @@ def trial_outcome(tune_status: str, last_result: dict[str, Any] | None, error: s
     total = result.get("total_steps")
     total_steps = int(total) if total else None
     if tune_status == "ERROR":
-        kind: OutcomeKind = "diverged" if DIVERGED_TEXT in error else "failed"
+        kind: OutcomeKind = "diverged" if DIVERGED_MESSAGE in error else "failed"
         return TrialOutcome(kind, step, total_steps, error)
     if tune_status == "TERMINATED":
         finished = step >= total_steps if total_steps else bool(result.get("done"))

@@ -40,6 +40,9 @@ CHECKPOINT_STATE = "state.pt"
 CHECKPOINT_PROGRESS = "progress.json"
 
 
+DIVERGED_MESSAGE = "loss became non-finite"
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run cannot continue meaningfully."""
 
@@ -414,7 +417,7 @@ class DistillationLoop:
         if bad:
             terms = ", ".join(f"{k.removeprefix('train_')}={v}" for k, v in train_metrics.items())
             raise NonFiniteLossError(
-                f"loss became non-finite by step {self.progress.global_step} "
+                f"{DIVERGED_MESSAGE} by step {self.progress.global_step} "
                 f"(learning_rate {self.training.learning_rate:g}; terms: {terms})"
             )
 
