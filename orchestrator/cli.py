@@ -23,13 +23,17 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestrator.messages import UserError, describe_error
+from orchestrator.tracking import fail_fast_http
 from trainables.config import read_yaml
 
-def quiet_libraries() -> None:
-    """Library progress bars and load reports drown ours; warnings and errors still show."""
+
+def prepare_libraries() -> None:
+    """Library progress bars and load reports drown ours (warnings and errors still show); a dead
+    tracking server is reported in seconds."""
     import datasets
     import transformers
 
+    fail_fast_http()
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -37,7 +41,7 @@ def quiet_libraries() -> None:
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0],
-    callback=lambda: quiet_libraries(),
+    callback=lambda: prepare_libraries(),
 )
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -250,7 +254,7 @@ def resume(
 @user_errors
 def status(sweep_dir: Annotated[Path, typer.Argument(help="the sweep folder")]) -> None:
     """Show each trial of a sweep: state, steps and score so far."""
-    from orchestrator.status import trial_statuses
+    from orchestrator.status import trial_statuses, undelivered_records
 
     table = Table(title=str(sweep_dir))
     for column in ("trial", "state", "outcome", "objective mix", "init", "task", "seed", "step", "score"):
@@ -263,6 +267,10 @@ def status(sweep_dir: Annotated[Path, typer.Argument(help="the sweep folder")]) 
     for row in rows:
         counts[row["outcome_kind"]] = counts.get(row["outcome_kind"], 0) + 1
     Console().print(", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())))
+    waiting = undelivered_records(sweep_dir)
+    if waiting:
+        Console().print(f"MLflow has not confirmed {waiting} records of this sweep yet: if its driver has ended, "
+                        f"run `distillsweep sync {sweep_dir}`")
 
 
 @app.command()
@@ -345,13 +353,16 @@ def ui(
 @app.command()
 @user_errors
 def sync(sweep_dir: Annotated[Path, typer.Argument(help="the sweep folder")]) -> None:
-    """Send MLflow records kept while the tracking server did not answer."""
-    from orchestrator.status import sync_pending
+    """Send MLflow the records of a sweep that it does not hold yet (e.g. after the server was down)."""
+    from orchestrator.status import sync_journal
 
-    sent, left = sync_pending(sweep_dir)
-    console.print(f"sent {sent} kept MLflow records" + (f"; {left} still unsent" if left else ""))
-    if left:
-        raise typer.Exit(1)
+    delivery = sync_journal(sweep_dir)
+    console.print(f"sent {delivery.sent} MLflow records" + (f"; {delivery.left} still unsent" if delivery.left else ""))
+    for reason in delivery.dropped:
+        console.print(f"MLflow rejected: {reason}")
+    if delivery.left:
+        raise UserError(f"MLflow did not answer ({delivery.last_error}); run `distillsweep sync {sweep_dir}` again "
+                        "when it does: the records stay in the sweep's journal")
 
 
 if __name__ == "__main__":

@@ -46,8 +46,12 @@ class TrialRecord:
 
 
 def tune_trial_states(folder: Path) -> dict[str, str]:
-    """trial id -> Tune status from the newest experiment state file."""
-    files = sorted(folder.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    """trial id -> Tune status from the newest experiment state file.
+
+    Newest by the time in its name, as Tune itself picks it: after a resume Tune writes the old
+    file once more, so the older file can have the newer mtime.
+    """
+    files = sorted(folder.glob("experiment_state-*.json"), key=lambda p: p.name)
     if not files:
         return {}
     data = json.loads(files[-1].read_text())
@@ -56,6 +60,19 @@ def tune_trial_states(folder: Path) -> dict[str, str]:
         trial = json.loads(trial_json)
         states[trial["trial_id"]] = trial["status"]
     return states
+
+
+def read_result_rows(path: Path) -> list[dict[str, Any]]:
+    """A trial's reported rows; a last line cut short by a killed driver is left out."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def read_outcome(trial_dir: Path, tune_status: str, last_result: dict[str, Any] | None) -> TrialOutcome:
@@ -77,10 +94,7 @@ def read_trials(experiment_dir: Path, template: TrialTemplate) -> list[TrialReco
     states = tune_trial_states(experiment_dir)
     records = []
     for params_file in sorted(experiment_dir.glob("*/params.json")):
-        results_file = params_file.with_name("result.json")
-        rows = []
-        if results_file.exists():
-            rows = [json.loads(line) for line in results_file.read_text().splitlines() if line.strip()]
+        rows = read_result_rows(params_file.with_name("result.json"))
         trial_id = rows[-1]["trial_id"] if rows else trial_id_of(params_file.parent.name, states)
         if trial_id is None:
             continue

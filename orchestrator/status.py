@@ -1,15 +1,15 @@
-"""Reading a sweep back from disk: trial states, the study report, and unsent MLflow records."""
+"""Reading a sweep back from disk: trial states, the study report, and MLflow records still to send."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from orchestrator.journal import Delivery, Journal, undelivered
 from orchestrator.messages import UserError
 from orchestrator.report import read_trials, tune_trial_states, write_report
-from orchestrator.sweep import PENDING_FILE, SweepState
-from orchestrator.tracking import MlflowJournal
+from orchestrator.sweep import SweepState
+from orchestrator.tracker import reconcile_with_tune
 
 
 def experiment_dir(state: SweepState) -> Path:
@@ -64,20 +64,18 @@ def build_report(sweep_dir: Path, value: str, include_stopped: bool = False) -> 
     return md_path, csv_path, markdown, logged
 
 
-def sync_pending(sweep_dir: Path) -> tuple[int, int]:
-    """Replay records that the tracker kept while MLflow did not answer."""
+def undelivered_records(sweep_dir: Path) -> int:
+    return undelivered(Path(SweepState.load(sweep_dir).sweep_dir))
+
+
+def sync_journal(sweep_dir: Path) -> Delivery:
+    """Send MLflow what the sweep's journal (and Tune's files) hold and MLflow lacks, checking each
+    run first so nothing is logged twice; the parent run ends here if its sweep had ended."""
     state = SweepState.load(sweep_dir)
-    pending = Path(state.sweep_dir) / PENDING_FILE
-    if not pending.exists():
-        return 0, 0
-    records = [json.loads(line) for line in pending.read_text().splitlines() if line.strip()]
-    journal = MlflowJournal(state.tracking_uri, state.experiment_id, pending)
-    for record in records:
-        if record["op"] != "create" and record["key"] not in journal.run_ids:
-            found = journal.find_run(record["key"], state.parent_run_id)
-            if found:
-                journal.run_ids[record["key"]] = found
-        journal.queue.append(record)
-    journal.flush()
-    left = journal.save_pending()
-    return len(records) - left, left
+    journal = Journal(Path(state.sweep_dir), state.tracking_uri, state.experiment_id, {"sweep": state.parent_run_id})
+    try:
+        if "://" not in state.sweep_spec.storage_root():
+            reconcile_with_tune(journal, experiment_dir(state), state.sweep_spec.name)
+        return journal.deliver_all()
+    finally:
+        journal.close()

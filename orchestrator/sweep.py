@@ -20,13 +20,12 @@ from orchestrator.metric_names import unknown_metric_message
 from orchestrator.outcome import trial_outcome
 from orchestrator.search import STRICT_METRIC_CHECK, build_scheduler, build_search
 from orchestrator.spaces import check_space, label, tune_param_space
-from orchestrator.tracker import SweepTracker
-from orchestrator.tracking import default_tracking_uri, ensure_experiment
+from orchestrator.tracker import SweepTracker, reconcile_with_tune
+from orchestrator.tracking import default_tracking_uri, ensure_experiment, fail_fast_http
 from trainables.config import RunConfig, TrialTemplate, task_name_of
 
 STATE_FILE = "distillsweep.json"
 STAGE_BLIND_TIME_ATTRS = ("training_iteration", "step", "epoch")
-PENDING_FILE = "mlflow_pending.jsonl"
 
 
 @dataclass
@@ -258,7 +257,9 @@ def init_ray(address: str | None, spec: SweepSpec, tracking_uri: str) -> None:
             os.environ["RAY_AUTH_MODE"] = "token"  # a cluster started here by `ray start` wants the token
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, runtime_env={"env_vars": env})
+        # A private instance: Ray would otherwise join any cluster `ray start` left on this machine
+        # (`--address auto` asks for that).
+        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env})
 
 
 def optuna_choices(spec: SweepSpec) -> dict[str, dict[str, Any]]:
@@ -286,6 +287,7 @@ def trainable_for(state: SweepState) -> Any:
 
 def run_config_for(state: SweepState, tracker: SweepTracker) -> Any:
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
 
     spec = state.sweep_spec
     return tune.RunConfig(
@@ -293,7 +295,9 @@ def run_config_for(state: SweepState, tracker: SweepTracker) -> Any:
         storage_path=spec.storage_root(),
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        callbacks=[tracker],
+        # result.json first: a driver killed between the two leaves a row that `resume` journals from
+        # result.json, so MLflow holds each step as Tune first recorded it.
+        callbacks=[JsonLoggerCallback(), tracker],
         verbose=1,
     )
 
@@ -307,6 +311,7 @@ def start_sweep(spec: SweepSpec, address: str | None = None) -> SweepState:
     if (folder / STATE_FILE).exists():
         raise UserError(f"{folder} holds sweep {spec.name!r} already: `distillsweep resume {folder}` continues it")
     uri = tracking_uri_for(spec)
+    fail_fast_http()
     client = MlflowClient(uri)
     try:
         experiment_id = ensure_experiment(client, spec.tracking.experiment, uri)
@@ -371,7 +376,7 @@ def run_tuner(state: SweepState, address: str | None, restore: bool, retry_error
     os.environ[STRICT_METRIC_CHECK] = "1"  # metric names were checked before launch (metric_names)
     init_ray(address, spec, state.tracking_uri)
     tracker = SweepTracker(state.tracking_uri, state.experiment_id, state.parent_run_id, spec.name,
-                           state.template, Path(state.sweep_dir) / PENDING_FILE,
+                           state.template, Path(state.sweep_dir),
                            students_dir=Path(state.sweep_dir) / "students" if spec.log_students else None)
     experiment_path = str(Path(spec.storage_root()) / spec.name) if "://" not in spec.storage_root() else (
         spec.storage_root().rstrip("/") + "/" + spec.name
@@ -379,7 +384,11 @@ def run_tuner(state: SweepState, address: str | None, restore: bool, retry_error
     if restore:
         if not tune.Tuner.can_restore(experiment_path):
             raise UserError(f"{experiment_path}: Tune has no experiment state to resume from yet")
-        # The tracker comes back from the experiment state with its record of logged steps.
+        if "://" not in experiment_path:
+            added = reconcile_with_tune(tracker.journal, Path(experiment_path), spec.name)
+            if added:
+                print(f"[distillsweep] {added} MLflow records that Tune holds but the journal missed were added")
+        # Tune uses the tracker it saved with the experiment; both share this process's journal.
         tuner = tune.Tuner.restore(
             experiment_path, trainable=trainable_for(state), resume_unfinished=True,
             resume_errored=retry_errored, param_space=tune_param_space(spec) if spec.search.algorithm != "optuna" else None,
@@ -399,16 +408,18 @@ def run_tuner(state: SweepState, address: str | None, restore: bool, retry_error
             ),
             run_config=run_config_for(state, tracker),
         )
-    results = tuner.fit()
-    failed = [r for r in results if r.error is not None]
-    stopped = sum(trial_outcome("TERMINATED", r.metrics).kind == "stopped" for r in results if r.error is None)
-    tracker.journal.submit(
-        {"op": "tags", "key": "sweep", "tags": {"trials": len(results), "failed_trials": len(failed),
-                                                 "stopped_trials": stopped}}
-    )
-    every_trial_failed = bool(results) and len(failed) == len(results)
-    tracker.journal.submit({"op": "end", "key": "sweep", "status": "FAILED" if every_trial_failed else "FINISHED"})
-    tracker.finish()
+    try:
+        results = tuner.fit()
+        failed = [r for r in results if r.error is not None]
+        stopped = sum(trial_outcome("TERMINATED", r.metrics).kind == "stopped" for r in results if r.error is None)
+        every_trial_failed = bool(results) and len(failed) == len(results)
+        tracker.journal.append(
+            {"op": "tags", "key": "sweep", "tags": {"trials": len(results), "failed_trials": len(failed),
+                                                     "stopped_trials": stopped}}
+        )
+        tracker.journal.append({"op": "end", "key": "sweep", "status": "FAILED" if every_trial_failed else "FINISHED"})
+    finally:
+        tracker.finish()  # an interrupted sweep's records stay journaled for `resume` or `sync`
     finished = len(results) - len(failed)
     print(f"[distillsweep] {finished} of {len(results)} trials finished ({finished - stopped} completed their budget, "
           f"{stopped} stopped early by the scheduler), {len(failed)} failed")

@@ -1,10 +1,10 @@
 """The Tune callback that records a sweep in MLflow: one parent run, one child run per trial.
 
-It runs in the driver, so trials need no MLflow access and a tracking server that is down never
-stops training (writes wait in an `MlflowJournal`). Child runs are keyed by sweep and Tune trial
-id: after `distillsweep resume` (Tune restores this callback from its experiment state) or a trial
-retry, a trial finds its run again instead of opening a duplicate, and steps already logged are
-not logged twice.
+It runs in the driver, so trials need no MLflow access. Every write goes to the sweep's journal
+on disk first and reaches MLflow from a background thread, so a tracking server that is slow or
+down never stops training. Child runs are keyed by sweep and Tune trial id: after `distillsweep
+resume` or a trial retry, a trial finds its run again instead of opening a duplicate, and a step
+already journaled is not journaled twice.
 """
 
 from __future__ import annotations
@@ -16,9 +16,13 @@ from typing import Any
 
 from ray.tune import Callback
 
+from orchestrator.journal import Journal, open_journal
 from orchestrator.outcome import OUTCOME_FILE, TrialOutcome, trial_outcome
-from orchestrator.tracking import MlflowJournal, numeric_metrics, run_params, run_tags
+from orchestrator.report import read_outcome, read_result_rows, tune_trial_states
+from orchestrator.tracking import numeric_metrics, run_params, run_tags
 from trainables.config import TrialTemplate
+
+FINISH_WAIT_S = 30.0
 
 
 class SweepTracker(Callback):
@@ -29,7 +33,7 @@ class SweepTracker(Callback):
         parent_run_id: str,
         sweep_name: str,
         template: TrialTemplate,
-        pending_file: Path,
+        journal_dir: Path,
         students_dir: Path | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
@@ -37,30 +41,18 @@ class SweepTracker(Callback):
         self.parent_run_id = parent_run_id
         self.sweep_name = sweep_name
         self.template = template
-        self.pending_file = pending_file
+        self.journal_dir = journal_dir
         self.students_dir = students_dir
-        self.last_step: dict[str, int] = {}
-        self._journal: MlflowJournal | None = None
-
-    # Tune pickles callbacks with the experiment; the MLflow client is rebuilt after restore.
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_journal"} | {"_journal": None}
 
     @property
-    def journal(self) -> MlflowJournal:
-        if self._journal is None:
-            self._journal = MlflowJournal(self.tracking_uri, self.experiment_id, self.pending_file)
-            self._journal.run_ids["sweep"] = self.parent_run_id
-        return self._journal
-
-    def get_state(self) -> dict[str, Any]:
-        return {"last_step": dict(self.last_step)}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.last_step = dict(state.get("last_step", {}))
+    def journal(self) -> Journal:
+        """Opened on first use, also in the copy Tune unpickles on `resume`; delivers in the background."""
+        journal = open_journal(self.journal_dir, self.tracking_uri, self.experiment_id, {"sweep": self.parent_run_id})
+        journal.start()
+        return journal
 
     def key(self, trial: Any) -> str:
-        return f"{self.sweep_name}/{trial.trial_id}"
+        return trial_key(self.sweep_name, trial.trial_id)
 
     # --- Tune events -------------------------------------------------------------------------
 
@@ -71,16 +63,8 @@ class SweepTracker(Callback):
         self._open(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        key = self.key(trial)
-        step = int(result.get("step", result.get("training_iteration", 0)))
-        if step <= self.last_step.get(key, -1):
-            return  # replayed after a restore from an earlier checkpoint
-        self.last_step[key] = step
-        reported = {k: v for k, v in result.items() if k not in TUNE_BOOKKEEPING}
-        self.journal.submit(
-            {"op": "metrics", "key": key, "step": step, "time": int(time.time() * 1000),
-             "metrics": numeric_metrics(reported)}
-        )
+        # A step already journaled comes again when a restored trial replays from an earlier checkpoint.
+        self.journal.append(metrics_record(self.key(trial), result))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if self.students_dir is not None:
@@ -92,9 +76,6 @@ class SweepTracker(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._close(trial, trial_outcome("ERROR", trial.last_result, error_summary(trial)), "ERROR")
-
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.finish()
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -114,10 +95,10 @@ class SweepTracker(Callback):
             "ray_trial_id": trial.trial_id,
             "trial_state": "RUNNING",
         }
-        self.journal.submit({"op": "create", "key": key, "parent": self.parent_run_id, "tags": tags, "name": name})
-        self.journal.submit({"op": "params", "key": key, "params": params})
-        self.journal.submit({"op": "tags", "key": key, "tags": {"trial_state": "RUNNING"}})
-        self.journal.submit({"op": "text", "key": key, "file": "run_config.json", "text": self._resolved_json(trial.config)})
+        self.journal.append({"op": "create", "key": key, "parent": self.parent_run_id, "tags": tags, "name": name})
+        self.journal.append({"op": "params", "key": key, "params": params})
+        self.journal.append({"op": "tags", "key": key, "tags": {"trial_state": "RUNNING"}})
+        self.journal.append({"op": "text", "key": key, "file": "run_config.json", "text": self._resolved_json(trial.config)})
 
     def _log_student(self, trial: Any) -> None:
         """Copy the student out of the trial's final checkpoint (wherever storage is) and log it,
@@ -133,17 +114,15 @@ class SweepTracker(Callback):
             f"{checkpoint.path}/student", str(local), source_filesystem=checkpoint.filesystem,
             destination_filesystem=pyarrow.fs.LocalFileSystem(),
         )
-        self.journal.submit({"op": "artifacts", "key": self.key(trial), "path": str(local), "artifact_path": "student"})
-        self.journal.submit({"op": "tags", "key": self.key(trial), "tags": {"student_logged": "true"}})
+        self.journal.append({"op": "artifacts", "key": self.key(trial), "path": str(local), "artifact_path": "student",
+                             "remove_after": True})
+        self.journal.append({"op": "tags", "key": self.key(trial), "tags": {"student_logged": "true"}})
 
     def _close(self, trial: Any, outcome: TrialOutcome, state: str) -> None:
         """Tag how the trial ended and end its run with the matching status (stopped: KILLED)."""
         key = self.key(trial)
-        tags = {"trial_state": state, "trial_outcome": outcome.kind, "trial_outcome_detail": outcome.detail[:5000]}
-        if outcome.error:
-            tags["error"] = outcome.error[:5000]
-        self.journal.submit({"op": "tags", "key": key, "tags": tags})
-        self.journal.submit({"op": "end", "key": key, "status": outcome.mlflow_status})
+        self.journal.append({"op": "tags", "key": key, "tags": outcome_tags(state, outcome)})
+        self.journal.append({"op": "end", "key": key, "status": outcome.mlflow_status})
         write_outcome(trial, outcome)
 
     def _resolved_json(self, trial_config: dict[str, Any]) -> str:
@@ -153,18 +132,60 @@ class SweepTracker(Callback):
             resolved = {"base": self.template.base, "assignments": self.template.decode(trial_config)}
         return json.dumps(resolved, indent=2, default=str)
 
-    def finish(self) -> None:
-        """Send what is left; keep the rest on disk for `distillsweep sync`, and say so."""
-        for _ in range(3):
-            if self.journal.flush():
-                break
-            time.sleep(2)
-        left = self.journal.save_pending()
+    def finish(self) -> int:
+        """Give the journal a while to reach MLflow; what is left stays on disk for `distillsweep sync`."""
+        journal = self.journal
+        left = journal.drain(FINISH_WAIT_S)
+        error = journal.last_error
+        journal.close()
         if left:
             print(
-                f"[distillsweep] MLflow at {self.tracking_uri} did not take {left} records; they are kept in "
-                f"{self.pending_file}. When the server answers, run: distillsweep sync {self.pending_file.parent}"
+                f"[distillsweep] MLflow at {self.tracking_uri} did not take {left} records ({error}); they are kept "
+                f"in the sweep's journal. When the server answers, run: distillsweep sync {self.journal_dir}"
             )
+        return left
+
+
+def trial_key(sweep_name: str, trial_id: str) -> str:
+    return f"{sweep_name}/{trial_id}"
+
+
+def metrics_record(key: str, result: dict[str, Any]) -> dict[str, Any]:
+    """One evaluation as one journal record: one MLflow request, whatever the number of metrics."""
+    step = int(result.get("step", result.get("training_iteration", 0)))
+    reported = {k: v for k, v in result.items() if k not in TUNE_BOOKKEEPING}
+    when = result.get("timestamp")
+    return {"op": "metrics", "key": key, "step": step, "time": int((when or time.time()) * 1000),
+            "metrics": numeric_metrics(reported)}
+
+
+def reconcile_with_tune(journal: Journal, experiment_dir: Path, sweep_name: str) -> int:
+    """Journal what Tune's files hold but the journal does not: a driver killed between Tune writing
+    a result (or ending a trial) and the tracker journaling it. Returns how many records it added."""
+    states = tune_trial_states(experiment_dir)
+    added = 0
+    for results_file in experiment_dir.glob("*/result.json"):
+        rows = read_result_rows(results_file)
+        if not rows:
+            continue
+        key = trial_key(sweep_name, rows[-1]["trial_id"])
+        if key not in journal.created:
+            continue  # its run is opened when Tune starts the trial again
+        added += sum(journal.append(metrics_record(key, row)) for row in rows)
+        status = states.get(rows[-1]["trial_id"], "UNKNOWN")
+        if status in ("TERMINATED", "ERROR") and key not in journal.ended:
+            outcome = read_outcome(results_file.parent, status, max(rows, key=lambda r: r.get("step", 0)))
+            journal.append({"op": "tags", "key": key, "tags": outcome_tags(status, outcome)})
+            journal.append({"op": "end", "key": key, "status": outcome.mlflow_status})
+            added += 2
+    return added
+
+
+def outcome_tags(state: str, outcome: TrialOutcome) -> dict[str, str]:
+    tags = {"trial_state": state, "trial_outcome": outcome.kind, "trial_outcome_detail": outcome.detail[:5000]}
+    if outcome.error:
+        tags["error"] = outcome.error[:5000]
+    return tags
 
 
 TUNE_BOOKKEEPING = {

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from orchestrator.journal import undelivered
+from orchestrator.tracker import TUNE_BOOKKEEPING
 from sweep_helpers import cli_env, distillsweep, metric_steps, sweep_runs, tiny_space, write_space
 from test_sweep_e2e import free_port, start_mlflow_server, trial_results
 
@@ -101,7 +103,100 @@ def test_mlflow_server_killed_and_restarted_mid_sweep_keeps_full_history(tiny_de
         for child in children:
             assert metric_steps(uri, child.info.run_id) == list(range(4, 25, 4))
             assert child.info.status == "FINISHED"
-        assert not (folder / "mlflow_pending.jsonl").exists()
+        assert undelivered(tmp_path / "sweeps" / "tiny") == 0
+        assert_mlflow_holds_what_tune_holds(uri, folder)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+
+
+def assert_mlflow_holds_what_tune_holds(uri: str, folder: Path) -> None:
+    """Row for row: each trial one child run, each reported step once with the value Tune holds, no run RUNNING."""
+    parent, children = sweep_runs(uri, "tests")
+    results = trial_results(folder)
+    assert sorted(c.data.tags["ray_trial_id"] for c in children) == sorted(results), "each trial exactly once"
+    client = MlflowClient(uri)
+    for child in children:
+        rows = results[child.data.tags["ray_trial_id"]]
+        names = {k for k, v in rows[-1].items() if isinstance(v, (int, float)) and k not in TUNE_BOOKKEEPING}
+        for name in names - {"step"}:
+            expected = {}
+            for row in rows:  # a restored trial reports steps after its checkpoint again, with equal values
+                expected.setdefault(row["step"], row[name])
+            history = client.get_metric_history(child.info.run_id, name)
+            assert sorted(m.step for m in history) == sorted(expected), f"{name}: every step exactly once"
+            assert {m.step: m.value for m in history} == pytest.approx(expected), name
+        assert child.info.status in ("FINISHED", "KILLED"), child.info.status
+    assert parent.info.status == "FINISHED"
+
+
+def test_mlflow_down_driver_killed_resumed_and_server_back_loses_nothing(tiny_demo_teacher, demo_cache, tmp_path):
+    port = free_port()
+    server = start_mlflow_server(tmp_path, port)
+    uri = f"http://127.0.0.1:{port}"
+    spec = long_space(tiny_demo_teacher, tmp_path, space={"training.seed": {"grid": [1, 2, 3]}},
+                      tracking={"uri": uri, "experiment": "tests"})
+    space_file = write_space(spec, tmp_path / "s.yaml")
+    folder = tmp_path / "sweeps" / "tiny"
+
+    def reported() -> int:
+        return sum(len(rows) for rows in trial_results(folder).values())
+
+    driver = start_sweep(space_file, demo_cache, tmp_path)
+    try:
+        wait_for(lambda: reported() >= 2, what="first results")
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        before_outage = reported()
+        wait_for(lambda: reported() >= before_outage + 3, what="training to go on while MLflow is down")
+        driver.kill()
+        driver.wait()
+        assert undelivered(folder) > 0, "the records made while MLflow was down are in the journal"
+
+        resumed = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "resume", str(folder)], cwd=tmp_path, env=cli_env(demo_cache),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        at_resume = reported()
+        wait_for(lambda: reported() >= at_resume + 2, what="the resumed sweep to train while MLflow is still down")
+        server = start_mlflow_server(tmp_path, port)
+        out = finish(resumed)
+        assert "answers again" in out
+        assert undelivered(folder) == 0
+        assert_mlflow_holds_what_tune_holds(uri, folder)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        driver.kill()
+
+
+def test_sync_delivers_what_a_sweep_ended_without_and_finishes_its_parent_run(tiny_demo_teacher, demo_cache, tmp_path):
+    port = free_port()
+    server = start_mlflow_server(tmp_path, port)
+    uri = f"http://127.0.0.1:{port}"
+    spec = long_space(tiny_demo_teacher, tmp_path, space={"training.seed": {"grid": [1, 2]}},
+                      tracking={"uri": uri, "experiment": "tests"})
+    spec["base"]["training"].update(max_steps=24)
+    folder = tmp_path / "sweeps" / "tiny"
+    driver = start_sweep(write_space(spec, tmp_path / "s.yaml"), demo_cache, tmp_path)
+    try:
+        wait_for(lambda: any(trial_results(folder).values()), what="first results")
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        out = finish(driver)
+        assert f"distillsweep sync {folder}" in out, out[-2000:]
+
+        status = distillsweep(["status", str(folder)], demo_cache, tmp_path)
+        assert "has not confirmed" in status.stdout
+        down = distillsweep(["sync", str(folder)], demo_cache, tmp_path)
+        assert down.returncode == 2 and "did not answer" in down.stderr and "again" in down.stderr
+
+        server = start_mlflow_server(tmp_path, port)
+        done = distillsweep(["sync", str(folder)], demo_cache, tmp_path)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "still unsent" not in done.stderr
+        assert_mlflow_holds_what_tune_holds(uri, folder)
+        again = distillsweep(["sync", str(folder)], demo_cache, tmp_path)
+        assert again.returncode == 0 and "sent 0" in again.stderr
+        assert_mlflow_holds_what_tune_holds(uri, folder)
     finally:
         os.killpg(server.pid, signal.SIGKILL)
 
