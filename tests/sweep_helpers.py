@@ -8,8 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from mlflow import MlflowClient
+
+from orchestrator.report import read_result_rows
+from orchestrator.tracker import TUNE_BOOKKEEPING
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,3 +76,27 @@ def sweep_runs(tracking_uri: str, experiment: str) -> tuple[Any, list[Any]]:
 
 def metric_steps(tracking_uri: str, run_id: str, key: str = "score") -> list[int]:
     return [m.step for m in MlflowClient(tracking_uri).get_metric_history(run_id, key)]
+
+
+def assert_mlflow_holds_what_tune_holds(uri: str, folder: Path) -> None:
+    """Row for row: each trial one child run, each reported step once with the value Tune holds, no run RUNNING."""
+    parent, children = sweep_runs(uri, "tests")
+    results = {}
+    for path in folder.glob("*/result.json"):
+        rows = read_result_rows(path)
+        if rows:
+            results[rows[0]["trial_id"]] = rows
+    assert sorted(c.data.tags["ray_trial_id"] for c in children) == sorted(results), "each trial exactly once"
+    client = MlflowClient(uri)
+    for child in children:
+        rows = results[child.data.tags["ray_trial_id"]]
+        names = {k for k, v in rows[-1].items() if isinstance(v, (int, float)) and k not in TUNE_BOOKKEEPING}
+        for name in names - {"step"}:
+            expected = {}
+            for row in rows:  # a restored trial reports steps after its checkpoint again, with equal values
+                expected.setdefault(row["step"], row[name])
+            history = client.get_metric_history(child.info.run_id, name)
+            assert sorted(m.step for m in history) == sorted(expected), f"{name}: every step exactly once"
+            assert {m.step: m.value for m in history} == pytest.approx(expected), name
+        assert child.info.status in ("FINISHED", "KILLED"), child.info.status
+    assert parent.info.status == "FINISHED"

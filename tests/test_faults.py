@@ -16,8 +16,9 @@ import pytest
 from mlflow import MlflowClient
 
 from orchestrator.journal import undelivered
-from orchestrator.tracker import TUNE_BOOKKEEPING
-from sweep_helpers import cli_env, distillsweep, metric_steps, sweep_runs, tiny_space, write_space
+from sweep_helpers import (
+    assert_mlflow_holds_what_tune_holds, cli_env, distillsweep, metric_steps, sweep_runs, tiny_space, write_space,
+)
 from test_sweep_e2e import free_port, start_mlflow_server, trial_results
 
 pytestmark = pytest.mark.slow
@@ -77,6 +78,7 @@ def test_killed_trial_process_resumes_from_its_checkpoint(tiny_demo_teacher, dem
     child = next(c for c in children if c.data.tags["ray_trial_id"] == trial)
     assert metric_steps(uri, child.info.run_id) == list(range(4, 41, 4))
     assert child.info.status == "FINISHED"
+    assert_mlflow_holds_what_tune_holds(uri, folder)
 
 
 def test_mlflow_server_killed_and_restarted_mid_sweep_keeps_full_history(tiny_demo_teacher, demo_cache, tmp_path):
@@ -107,26 +109,6 @@ def test_mlflow_server_killed_and_restarted_mid_sweep_keeps_full_history(tiny_de
         assert_mlflow_holds_what_tune_holds(uri, folder)
     finally:
         os.killpg(server.pid, signal.SIGKILL)
-
-
-def assert_mlflow_holds_what_tune_holds(uri: str, folder: Path) -> None:
-    """Row for row: each trial one child run, each reported step once with the value Tune holds, no run RUNNING."""
-    parent, children = sweep_runs(uri, "tests")
-    results = trial_results(folder)
-    assert sorted(c.data.tags["ray_trial_id"] for c in children) == sorted(results), "each trial exactly once"
-    client = MlflowClient(uri)
-    for child in children:
-        rows = results[child.data.tags["ray_trial_id"]]
-        names = {k for k, v in rows[-1].items() if isinstance(v, (int, float)) and k not in TUNE_BOOKKEEPING}
-        for name in names - {"step"}:
-            expected = {}
-            for row in rows:  # a restored trial reports steps after its checkpoint again, with equal values
-                expected.setdefault(row["step"], row[name])
-            history = client.get_metric_history(child.info.run_id, name)
-            assert sorted(m.step for m in history) == sorted(expected), f"{name}: every step exactly once"
-            assert {m.step: m.value for m in history} == pytest.approx(expected), name
-        assert child.info.status in ("FINISHED", "KILLED"), child.info.status
-    assert parent.info.status == "FINISHED"
 
 
 def test_mlflow_down_driver_killed_resumed_and_server_back_loses_nothing(tiny_demo_teacher, demo_cache, tmp_path):
@@ -266,6 +248,7 @@ def test_lost_worker_node_moves_its_trials_to_the_head(tiny_demo_teacher, demo_c
         _, children = sweep_runs(spec["tracking"]["uri"], "tests")
         assert sorted(c.data.tags["ray_trial_id"] for c in children) == sorted(results)
         assert all(c.info.status == "FINISHED" for c in children)
+        assert_mlflow_holds_what_tune_holds(spec["tracking"]["uri"], folder)
     finally:
         subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], env=env,
                        capture_output=True, timeout=120)

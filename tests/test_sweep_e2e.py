@@ -231,6 +231,7 @@ def test_killed_driver_resumes_with_each_trial_once_in_mlflow(tiny_demo_teacher,
         assert steps == sorted(set(steps)) and steps[-1] == 40
         assert child.info.status == "FINISHED"
     assert sum(before.values()) > 0
+    assert_mlflow_holds_what_tune_holds(spec["tracking"]["uri"], folder)
 
 
 def test_reused_worker_trains_trials_exactly_as_fresh_workers(tiny_demo_teacher, demo_cache, tmp_path):
