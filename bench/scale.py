@@ -45,6 +45,7 @@ import psutil
 import yaml
 
 from bench.common import ROOT, cpu_model, log, rounded
+from orchestrator.journal import undelivered
 
 PAPER_SPACE = ROOT / "search_spaces" / "paper_task_specific.yaml"
 SWEEP_NAME = "scale"
@@ -252,6 +253,19 @@ class RayCluster:
             elif active and "node_" in line:
                 count += 1
         return count
+
+    def trial_running_on_worker(self) -> bool:
+        """A worker process of the newest worker node is inside a trial (Ray titles idle ones `ray::IDLE`)."""
+        try:
+            processes = psutil.Process(self.nodes[-1].pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return False
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                title = " ".join(process.cmdline())
+                if title.startswith("ray::") and ("distillation_trial" in title or "ImplicitFunc" in title):
+                    return True
+        return False
 
     def kill_worker_raylet(self) -> None:
         """SIGKILL the raylet of the newest worker node: the node is lost for good."""
@@ -592,6 +606,9 @@ class Rehearsal:
         # Fault 1: the worker node is lost for good at 25%; a fresh worker joins a little later.
         if not self.wait(lambda: self.watch.done >= n // 4, first, "25% of trials"):
             raise RuntimeError(f"the sweep driver exited early (see {first.log})")
+        # Kill it while it trains a trial, so that the trial has to move: with reused actors a node
+        # spends part of its time between trials.
+        self.wait(self.cluster.trial_running_on_worker, first, "a trial running on the worker node", timeout=300)
         running = {t: pid for t, pid in self.watch.last_pid.items() if t not in self.watch.done_at}
         self.cluster.kill_worker_raylet()
         time.sleep(3)  # a node's worker processes die with its raylet: the trials whose process died ran there
@@ -640,9 +657,8 @@ class Rehearsal:
         sweep_wall = time.time() - started
 
         resume_log = second.log.read_text(errors="replace")
-        pending = self.sweep_dir / "mlflow_pending.jsonl"
-        self.events["pending_after_resume"] = pending.exists()
-        if pending.exists() or "did not take" in resume_log:
+        self.events["undelivered_after_resume"] = undelivered(self.sweep_dir)
+        if self.events["undelivered_after_resume"] or "did not take" in resume_log:
             self.events["sync"] = timed_cli(["sync", str(self.sweep_dir)], self.env, self.out)
         self.events["status"] = timed_cli(["status", str(self.sweep_dir)], self.env, self.out)
         self.events["report"] = timed_cli(["report", str(self.sweep_dir)], self.env, self.out)

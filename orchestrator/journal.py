@@ -78,7 +78,8 @@ class MlflowWriter:
         kind, key = record["op"], record["key"]
         if kind == "create":
             if key not in self.run_ids:
-                found = self.find_run(key, record.get("parent"))
+                # Only a create that may have reached MLflow before needs the (slow, growing) search.
+                found = self.find_run(key, record.get("parent")) if check else None
                 if found is None:
                     run = self.client.create_run(self.experiment_id, tags=record["tags"], run_name=record.get("name"))
                     found = run.info.run_id
@@ -86,7 +87,8 @@ class MlflowWriter:
             return self.run_ids[key]
         run_id = self.run_ids[key]
         if kind == "params":
-            existing = self.client.get_run(run_id).data.params
+            # MLflow accepts a param logged again with the same value; only a resend must skip what is held.
+            existing = self.client.get_run(run_id).data.params if check else {}
             params = [Param(k, v) for k, v in record["params"].items() if k not in existing]
             for start in range(0, len(params), PARAMS_PER_REQUEST):
                 self.client.log_batch(run_id, params=params[start : start + PARAMS_PER_REQUEST])

@@ -35,5 +35,6 @@ def test_smallest_rehearsal_keeps_every_trial_and_evaluation_exactly_once(tmp_pa
     assert result["trials"] == 36 and result["size_name"] == "smallest"
     events = result["events"]
     assert events["worker_killed"]["at_done"] < 36 and events["driver_killed_at_done"] < 36
+    assert events["worker_killed"]["running_trials_on_it"], "the lost node was training a trial, which had to move"
     assert events["resume_rc"] == 0 and "resume_to_first_result_s" in events
     assert events["status"]["rc"] == 0 and events["report"]["rc"] == 0
