@@ -46,6 +46,7 @@ import yaml
 
 from bench.common import ROOT, cpu_model, log, rounded
 from orchestrator.journal import undelivered
+from orchestrator.report import read_result_rows
 
 PAPER_SPACE = ROOT / "search_spaces" / "paper_task_specific.yaml"
 SWEEP_NAME = "scale"
@@ -82,7 +83,7 @@ NODE_CPUS, NODE_GPUS = 1, 4            # what each Ray node declares (head and w
 # could leave the worker idle, so losing it proved nothing); half a GPU keeps Ray's fractional
 # GPU placement and CUDA_VISIBLE_DEVICES in play.
 TRIAL_RESOURCES = {"cpu": 1, "gpu": 0.5}
-TRAINING = {"max_steps": 4, "eval_strategy": "steps", "eval_steps": 2, "max_seq_length": 32,
+TRAINING = {"max_steps": 8, "eval_strategy": "steps", "eval_steps": 2, "max_seq_length": 32,
             "per_device_eval_batch_size": 32, "bf16": False, "mixed_precision": "no"}
 
 
@@ -254,18 +255,12 @@ class RayCluster:
                 count += 1
         return count
 
-    def trial_running_on_worker(self) -> bool:
-        """A worker process of the newest worker node is inside a trial (Ray titles idle ones `ray::IDLE`)."""
+    def worker_pids(self) -> set[int]:
+        """Processes of the newest worker node (its raylet and the trial workers it started)."""
         try:
-            processes = psutil.Process(self.nodes[-1].pid).children(recursive=True)
+            return {p.pid for p in psutil.Process(self.nodes[-1].pid).children(recursive=True)}
         except psutil.NoSuchProcess:
-            return False
-        for process in processes:
-            with contextlib.suppress(psutil.Error):
-                title = " ".join(process.cmdline())
-                if title.startswith("ray::") and ("distillation_trial" in title or "ImplicitFunc" in title):
-                    return True
-        return False
+            return set()
 
     def kill_worker_raylet(self) -> None:
         """SIGKILL the raylet of the newest worker node: the node is lost for good."""
@@ -400,12 +395,7 @@ def timed_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            with contextlib.suppress(json.JSONDecodeError):  # a line being written
-                rows.append(json.loads(line))
-    return rows
+    return read_result_rows(path)  # a line being written is left out
 
 
 @dataclass
@@ -567,7 +557,11 @@ class Rehearsal:
         self.mlflow = MlflowServer(out, self.env)
         self.cluster = RayCluster(self.env, out)
 
-    def wait(self, until: Any, driver: Driver, what: str, timeout: float = 7200) -> bool:
+    def checkpointed_trial_on_worker(self) -> bool:
+        on_worker = self.cluster.worker_pids()
+        return any(pid in on_worker for t, pid in self.watch.last_pid.items() if t not in self.watch.done_at)
+
+    def wait(self, until: Any, driver: Driver, what: str, timeout: float = 7200, every: float = 1.0) -> bool:
         """Poll the sweep until `until()`; False if the driver exits first. Prints progress."""
         deadline, shown = time.time() + timeout, 0.0
         while time.time() < deadline:
@@ -581,7 +575,7 @@ class Rehearsal:
                 m = driver.monitor
                 log(f"{self.watch.done}/{self.size.trials} trials done ({driver.name} driver: "
                     f"{m.cpu_s:.0f} CPU s, {m.peak_rss / 2**20:.0f} MB); waiting for {what}")
-            time.sleep(1)
+            time.sleep(every)
         raise TimeoutError(f"timed out waiting for {what}")
 
     def run(self) -> dict[str, Any]:
@@ -606,13 +600,13 @@ class Rehearsal:
         # Fault 1: the worker node is lost for good at 25%; a fresh worker joins a little later.
         if not self.wait(lambda: self.watch.done >= n // 4, first, "25% of trials"):
             raise RuntimeError(f"the sweep driver exited early (see {first.log})")
-        # Kill it while it trains a trial, so that the trial has to move: with reused actors a node
-        # spends part of its time between trials.
-        self.wait(self.cluster.trial_running_on_worker, first, "a trial running on the worker node", timeout=300)
-        running = {t: pid for t, pid in self.watch.last_pid.items() if t not in self.watch.done_at}
+        # Kill it while it trains a trial that has reported (so holds a checkpoint): that trial has
+        # to move to the head and go on from its checkpoint. Trials here last a second or two.
+        self.wait(self.checkpointed_trial_on_worker, first, "a checkpointed trial training on the worker node",
+                  timeout=300, every=0.1)
+        on_worker = self.cluster.worker_pids()
+        on_node = sorted(t for t, pid in self.watch.last_pid.items() if t not in self.watch.done_at and pid in on_worker)
         self.cluster.kill_worker_raylet()
-        time.sleep(3)  # a node's worker processes die with its raylet: the trials whose process died ran there
-        on_node = sorted(t for t, pid in running.items() if not psutil.pid_exists(pid))
         self.events["worker_killed"] = {"at_done": self.watch.done, "running_trials_on_it": on_node}
         log(f"killed the worker node's raylet at {self.watch.done} trials done; {len(on_node)} running trials on it")
         time.sleep(5)
@@ -656,6 +650,11 @@ class Rehearsal:
         self.events["resume_rc"] = second.proc.returncode
         sweep_wall = time.time() - started
 
+        # The trials the lost node was training: each step once means they went on from their checkpoint.
+        self.events["moved_trials_steps"] = {
+            trial: [row["step"] for row in read_rows(self.sweep_dir / trial / "result.json")]
+            for trial in self.events["worker_killed"]["running_trials_on_it"]
+        }
         resume_log = second.log.read_text(errors="replace")
         self.events["undelivered_after_resume"] = undelivered(self.sweep_dir)
         if self.events["undelivered_after_resume"] or "did not take" in resume_log:

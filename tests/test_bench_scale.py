@@ -36,5 +36,7 @@ def test_smallest_rehearsal_keeps_every_trial_and_evaluation_exactly_once(tmp_pa
     events = result["events"]
     assert events["worker_killed"]["at_done"] < 36 and events["driver_killed_at_done"] < 36
     assert events["worker_killed"]["running_trials_on_it"], "the lost node was training a trial, which had to move"
+    for trial, steps in events["moved_trials_steps"].items():
+        assert steps.count(steps[0]) == 1, f"{trial} started again from zero after its node was lost: {steps}"
     assert events["resume_rc"] == 0 and "resume_to_first_result_s" in events
     assert events["status"]["rc"] == 0 and events["report"]["rc"] == 0
