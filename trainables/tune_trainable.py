@@ -1,7 +1,7 @@
 """Ray Tune glue: a trial's config -> `RunConfig` -> `distill`, reporting every evaluation.
 
 The only module of `trainables` that imports Ray. Trials run in their own working directory,
-so every path handed to the run is absolute. After a failure or a scheduler pause Tune hands the
+so every path handed to the run is absolute; the run's own output goes to a scratch folder. After a failure or a scheduler pause Tune hands the
 last checkpoint back through `tune.get_checkpoint()` and the run resumes from it exactly.
 Checkpoints live in Tune's storage only: the trial's own copies are deleted once Tune has them,
 and a trial leaves its worker with nothing of its models, ready for the next trial.
@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,11 @@ def distillation_trial(config: dict[str, Any], template: TrialTemplate, cpus_per
     """One Tune trial: one distillation run (task-specific or pre-training), data-parallel if asked."""
     torch.set_num_threads(max(1, cpus_per_trial))
     trial_dir = Path(tune.get_context().get_trial_dir()).resolve()
-    cfg = template.resolve(config).model_copy(update={"output_dir": trial_dir / "run"})
-    restored = trial_dir / RESTORED_CHECKPOINT
+    # The run writes outside the trial folder: on the driver's node that folder can be Tune's staging
+    # folder, which the driver copies to storage as it is, checkpoints and all, and never prunes.
+    scratch = Path(tempfile.gettempdir()) / "distillsweep-trials" / trial_dir.name
+    cfg = template.resolve(config).model_copy(update={"output_dir": scratch / "run"})
+    restored = scratch / RESTORED_CHECKPOINT
 
     resume_from = None
     checkpoint = tune.get_checkpoint()
@@ -82,6 +86,10 @@ def distillation_trial(config: dict[str, Any], template: TrialTemplate, cpus_per
         for copy in (cfg.output_dir / "checkpoints", cfg.output_dir / "student", restored):
             shutil.rmtree(copy, ignore_errors=True)
         (cfg.output_dir / BEST_STUDENT).unlink(missing_ok=True)
+        (cfg.output_dir / "metrics.json").unlink(missing_ok=True)  # the last result, in result.json too
+        for empty in (cfg.output_dir, scratch):  # pre-training keeps its `students/` snapshots here
+            if empty.exists() and not any(empty.iterdir()):
+                empty.rmdir()
     release_memory()
     if stop is not None:
         raise stop
