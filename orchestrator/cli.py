@@ -253,7 +253,8 @@ def resume(
 @app.command()
 @user_errors
 def status(sweep_dir: Annotated[Path, typer.Argument(help="the sweep folder")]) -> None:
-    """Show each trial of a sweep: state, steps and score so far."""
+    """Show each trial of a sweep: state, steps and score so far, and the disk the sweep uses."""
+    from orchestrator.disk import describe, sweep_disk_use
     from orchestrator.status import trial_statuses, undelivered_records
 
     table = Table(title=str(sweep_dir))
@@ -267,6 +268,7 @@ def status(sweep_dir: Annotated[Path, typer.Argument(help="the sweep folder")]) 
     for row in rows:
         counts[row["outcome_kind"]] = counts.get(row["outcome_kind"], 0) + 1
     Console().print(", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())))
+    Console().print(describe(sweep_disk_use(sweep_dir)))
     waiting = undelivered_records(sweep_dir)
     if waiting:
         Console().print(f"MLflow has not confirmed {waiting} records of this sweep yet: if its driver has ended, "

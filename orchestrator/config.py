@@ -185,6 +185,12 @@ class SweepSpec(StrictModel):
         default="distill", description="distill: task-specific (RunConfig base); pretrain: on text (PretrainConfig base)"
     )
     log_students: bool = Field(default=False, description="log each finished trial's student to its MLflow run")
+    keep: Literal["best", "final", "none"] = Field(
+        default="final",
+        description="what a completed trial keeps in storage: the student (weights, config, tokenizer) of its best "
+        "prediction-stage evaluation, of its last step, or nothing; stopped and failed trials keep nothing, "
+        "optimiser state is never kept",
+    )
     base: dict[str, Any] = Field(description="a run config; the space's values are set on top of it")
     space: dict[str, Any] = Field(default_factory=dict)
     search: SearchConfig = SearchConfig()
@@ -228,6 +234,19 @@ class SweepSpec(StrictModel):
         if MIX_KEY in parsed:
             check_mixes(parsed[MIX_KEY])
         return parsed
+
+    @model_validator(mode="after")
+    def _keep_agrees_with_base(self) -> SweepSpec:
+        exported = (self.base.get("training") or {}).get("load_best_model_at_end")
+        if exported and self.keep != "best":
+            raise ValueError(f"keep {self.keep}, but base.training.load_best_model_at_end is true: write keep: best")
+        return self
+
+    def trial_base(self) -> dict[str, Any]:
+        """`base` as trials run it: `keep: best` makes each run export its best student at its end."""
+        if self.keep != "best":
+            return self.base
+        return {**self.base, "training": {**(self.base.get("training") or {}), "load_best_model_at_end": True}}
 
     @property
     def grid_size(self) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 
 from orchestrator.config import Distribution, SweepSpec
 from orchestrator.demo import DEMO_TEACHER, resolve_demo_teacher
+from orchestrator.disk import TrialPruner
 from orchestrator.messages import UserError
 from orchestrator.metric_names import unknown_metric_message
 from orchestrator.outcome import trial_outcome
@@ -294,10 +295,12 @@ def run_config_for(state: SweepState, tracker: SweepTracker) -> Any:
         name=spec.name,
         storage_path=spec.storage_root(),
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        # One checkpoint per running trial: Tune persists the new one before it deletes the old.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         # result.json first: a driver killed between the two leaves a row that `resume` journals from
-        # result.json, so MLflow holds each step as Tune first recorded it.
-        callbacks=[JsonLoggerCallback(), tracker],
+        # result.json, so MLflow holds each step as Tune first recorded it. The pruner after the
+        # tracker, which may copy the student out of the final checkpoint.
+        callbacks=[JsonLoggerCallback(), tracker, TrialPruner(spec.keep)],
         verbose=1,
     )
 
@@ -319,7 +322,7 @@ def start_sweep(spec: SweepSpec, address: str | None = None) -> SweepState:
         raise UserError(
             f"MLflow tracking store {uri} does not answer ({first_line(err)}): start the server or set tracking.uri"
         ) from None
-    spec = spec.model_copy(update={"base": resolve_demo_teacher(spec.base)})
+    spec = spec.model_copy(update={"base": resolve_demo_teacher(spec.trial_base())})
     init_ray(address, spec, uri)
     teachers = prepare_teachers(spec, configs)
     parent = client.create_run(

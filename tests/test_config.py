@@ -155,3 +155,17 @@ def test_pretraining_refuses_a_selection_metric() -> None:
     with pytest.raises(ValidationError, match="metric_for_best_model: pre-training is scored by its loss"):
         PretrainConfig.model_validate({"corpus": {"files": ["a.txt"]}, "teacher": "t",
                                        "training": {"max_steps": 10, "metric_for_best_model": "accuracy"}})
+
+
+def test_keep_best_makes_every_trial_export_its_best_student_and_a_contradiction_is_refused():
+    from orchestrator.config import SweepSpec
+
+    base = {"task": "rte", "teacher": "roberta-base", "training": {"learning_rate": 1e-4}}
+    spec = SweepSpec.model_validate({"name": "s", "base": base, "keep": "best"})
+    assert spec.trial_base()["training"] == {"learning_rate": 1e-4, "load_best_model_at_end": True}
+    assert SweepSpec.model_validate({"name": "s", "base": base}).trial_base() == base
+    contradiction = {**base, "training": {"load_best_model_at_end": True}}
+    with pytest.raises(ValueError, match="keep final, but base.training.load_best_model_at_end is true: write keep: best"):
+        SweepSpec.model_validate({"name": "s", "base": contradiction})
+    with pytest.raises(ValueError, match="keep"):
+        SweepSpec.model_validate({"name": "s", "base": base, "keep": "last"})

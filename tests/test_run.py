@@ -249,3 +249,29 @@ def test_two_stage_data_parallel_run_trains_the_classifier_in_stage_two_alike_on
     # Each process evaluates its shard with its own weights: the gathered loss is the saved
     # student's only if the processes trained the same weights.
     assert final["eval_loss"] == pytest.approx(saved_student_eval_loss(cfg), rel=1e-5)
+
+
+
+def test_load_best_model_at_end_saves_the_student_of_the_best_evaluation_also_after_a_resume(
+    tiny_demo_teacher, demo_cache, tmp_path
+):
+    fields = {"training": {"learning_rate": 1e-2, "max_steps": 16, "eval_steps": 2, "load_best_model_at_end": True}}
+    cfg = run_config(tiny_demo_teacher, demo_cache, tmp_path / "run", **fields)
+    reports: list[dict] = []
+    saved: list[Path] = []
+
+    def crash_at_step_10(metrics: dict, checkpoint: Path | None) -> None:
+        reports.append(metrics)
+        saved.append(checkpoint)
+        if metrics["step"] == 10:
+            raise Crash
+
+    with pytest.raises(Crash):
+        distill(cfg, crash_at_step_10)
+    distill(cfg, lambda metrics, checkpoint: reports.append(metrics), resume_from=saved[-1])
+    assert [r["step"] for r in reports] == list(range(2, 17, 2))
+    # At this learning rate the score stalls at its first value (chance): the best is step 2's student,
+    # before the crash, so its weights had to travel through the checkpoint the run resumed from.
+    best = max(reports, key=lambda r: r["score"])  # the first of equal scores, as the run keeps it
+    assert best["step"] < 16 and best["eval_loss"] != reports[-1]["eval_loss"], "the last evaluation is the best"
+    assert saved_student_eval_loss(cfg) == pytest.approx(best["eval_loss"], rel=1e-5)

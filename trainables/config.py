@@ -144,6 +144,11 @@ class TrainingConfig(StrictModel):
         default=None,
         description="the task metric that is the run's score and picks its best evaluation; None: the task's main metric",
     )
+    load_best_model_at_end: bool = Field(
+        default=False,
+        description="the student the run saves at its end is the one of its best prediction-stage evaluation "
+        "(its weights travel in every checkpoint), not the last one",
+    )
     max_seq_length: int = Field(default=128, ge=8)
     seed: int = 42
     bf16: bool = False

@@ -8,6 +8,7 @@ classification head is always freshly initialised, as in the study's code (paper
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,21 @@ from trainables.mapping import init_layers
 from trainables.views import ModelView
 
 MLFLOW_URI_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+# Every teacher and student this process built, while something still references it: a Tune
+# worker reused for the next trial must not keep the last trial's models (and their GPU memory).
+_LIVE_MODELS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def track(model: PreTrainedModel) -> PreTrainedModel:
+    """Register `model` in the process's registry of live models; returns it."""
+    _LIVE_MODELS.add(model)
+    return model
+
+
+def live_models() -> list[nn.Module]:
+    """The models built here that are still referenced from somewhere."""
+    return list(_LIVE_MODELS)
 
 
 def resolve_model_source(ref: str) -> str:
@@ -51,7 +67,7 @@ def load_teacher(ref: str, num_labels: int) -> PreTrainedModel:
             f"teacher {ref!r} has no trained classification head ({fresh[0]} is missing): "
             "fine-tune it first with `distillsweep teacher`"
         )
-    return model
+    return track(model)
 
 
 def encoder_layers(model: PreTrainedModel) -> nn.ModuleList:
@@ -74,7 +90,7 @@ def build_student(
     from the teacher when the widths agree, as the head predicts from the same space.
     """
     if isinstance(spec.init, PretrainedInit):
-        return auto_class.from_pretrained(resolve_model_source(spec.init.pretrained), num_labels=num_labels)
+        return track(auto_class.from_pretrained(resolve_model_source(spec.init.pretrained), num_labels=num_labels))
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = spec.num_layers
     config.num_labels = num_labels
@@ -90,12 +106,12 @@ def build_student(
             student_head = getattr(student, "cls", None) or getattr(student, "lm_head", None)
             if head is not None and student_head is not None:
                 student_head.load_state_dict(head.state_dict())
-    return student
+    return track(student)
 
 
 def load_masked_lm_teacher(ref: str) -> PreTrainedModel:
     """A teacher for pre-training distillation: its encoder matters, its LM head is optional."""
-    return AutoModelForMaskedLM.from_pretrained(resolve_model_source(ref))
+    return track(AutoModelForMaskedLM.from_pretrained(resolve_model_source(ref)))
 
 
 @torch.no_grad()

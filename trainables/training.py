@@ -38,6 +38,7 @@ StepCallback = Callable[[int, int], None]
 EvaluateFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
 CHECKPOINT_STATE = "state.pt"
 CHECKPOINT_PROGRESS = "progress.json"
+BEST_STUDENT = "best_student.pt"  # weights only, for `load_best_model_at_end`
 
 
 DIVERGED_MESSAGE = "loss became non-finite"
@@ -268,6 +269,8 @@ class DistillationLoop:
     def run(self, resume_from: Path | None = None) -> dict[str, float]:
         if resume_from is not None:
             self.load_checkpoint(resume_from)
+        else:
+            (self.output_dir / BEST_STUDENT).unlink(missing_ok=True)  # an earlier run's, in the same folder
         metrics: dict[str, float] = {}
         while self.progress.stage_index < len(self.stages):
             stage = self.stages[self.progress.stage_index]
@@ -496,6 +499,9 @@ class DistillationLoop:
         p = self.progress
         if "score" in metrics and (p.best_score is None or metrics["score"] > p.best_score):
             p.best_score = metrics["score"]
+            if self.training.load_best_model_at_end and self.accelerator.is_main_process:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                torch.save(self._student().state_dict(), self.output_dir / BEST_STUDENT)
         metrics.update(
             step=p.global_step,
             stage=p.stage_index,
@@ -510,6 +516,9 @@ class DistillationLoop:
             metrics.update(prediction_step=p.stage_step, best_score=p.best_score)
         checkpoint = self.save_checkpoint() if save else None
         last = p.stage_index == len(self.stages) - 1 and p.stage_step == self.steps_per_stage
+        if last and self.training.load_best_model_at_end and self.accelerator.is_main_process:
+            # After the final checkpoint (which resumes the last step), so only what is saved from here on is the best.
+            self._student().load_state_dict(torch.load(self.output_dir / BEST_STUDENT, map_location="cpu"))
         if checkpoint is not None and last and self.export_student is not None and self.accelerator.is_main_process:
             self.export_student(checkpoint / "student")  # the final checkpoint carries a loadable student
         if self.reporter is not None and self.accelerator.is_main_process:
@@ -529,6 +538,8 @@ class DistillationLoop:
                 state["scaler"] = self.scaler.state_dict()
             torch.save(state, path / CHECKPOINT_STATE)
             (path / CHECKPOINT_PROGRESS).write_text(json.dumps(asdict(self.progress)))
+            if self.training.load_best_model_at_end and (self.output_dir / BEST_STUDENT).exists():
+                shutil.copy2(self.output_dir / BEST_STUDENT, path / BEST_STUDENT)  # a resumed run keeps its best
             self._prune_checkpoints(keep=path)
         self.accelerator.wait_for_everyone()
         return path
@@ -549,5 +560,11 @@ class DistillationLoop:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
+        if (path / BEST_STUDENT).exists() and self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path / BEST_STUDENT, self.output_dir / BEST_STUDENT)
+
+    def _student(self) -> PreTrainedModel:
+        return self.accelerator.unwrap_model(self.distiller).student
 
 

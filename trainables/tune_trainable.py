@@ -1,14 +1,19 @@
 """Ray Tune glue: a trial's config -> `RunConfig` -> `distill`, reporting every evaluation.
 
 The only module of `trainables` that imports Ray. Trials run in their own working directory,
-so every path handed to the run is absolute. After a failure or a scheduler pause Tune hands the
+so every path handed to the run is absolute; the run's own output goes to a scratch folder. After a failure or a scheduler pause Tune hands the
 last checkpoint back through `tune.get_checkpoint()` and the run resumes from it exactly.
+Checkpoints live in Tune's storage only: the trial's own copies are deleted once Tune has them,
+and a trial leaves its worker with nothing of its models, ready for the next trial.
 """
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,32 +22,43 @@ from ray import tune
 
 from trainables.config import TrialTemplate
 from trainables.launch import run_data_parallel
+from trainables.models import live_models
 from trainables.pretrain import pretrain
 from trainables.run import distill
-from trainables.training import NonFiniteLossError
+from trainables.training import BEST_STUDENT, NonFiniteLossError
 
 DIVERGED_MARKER = "diverged.txt"
+RESTORED_CHECKPOINT = "restored_checkpoint"
+
+log = logging.getLogger(__name__)
 
 
 def distillation_trial(config: dict[str, Any], template: TrialTemplate, cpus_per_trial: int = 1) -> None:
     """One Tune trial: one distillation run (task-specific or pre-training), data-parallel if asked."""
     torch.set_num_threads(max(1, cpus_per_trial))
     trial_dir = Path(tune.get_context().get_trial_dir()).resolve()
-    cfg = template.resolve(config).model_copy(update={"output_dir": trial_dir / "run"})
+    # The run writes outside the trial folder: on the driver's node that folder can be Tune's staging
+    # folder, which the driver copies to storage as it is, checkpoints and all, and never prunes.
+    scratch = Path(tempfile.gettempdir()) / "distillsweep-trials" / trial_dir.name
+    cfg = template.resolve(config).model_copy(update={"output_dir": scratch / "run"})
+    restored = scratch / RESTORED_CHECKPOINT
 
     resume_from = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
-        resume_from = Path(checkpoint.to_directory(str(trial_dir / "restored_checkpoint")))
+        resume_from = Path(checkpoint.to_directory(str(restored)))
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         numeric = {k: v for k, v in metrics.items() if not isinstance(v, str)}
         if checkpoint_dir is None:
             tune.report(numeric)
-        else:
+            return
+        try:
             tune.report(numeric, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
-            # Tune has copied it to the sweep's storage before `report` returns: a second copy
-            # in the trial folder would only fill the disk (199 MB per checkpoint on the bench student).
+        finally:
+            # Tune has copied it to the sweep's storage before `report` returns, and before it raises
+            # SystemExit there to stop the trial (a scheduler's decision, or max_t reached): a second
+            # copy in the trial folder would only fill the disk (199 MB per checkpoint on the bench student).
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -51,6 +67,7 @@ def distillation_trial(config: dict[str, Any], template: TrialTemplate, cpus_per
         # Tune retries failed trials; a diverged run would only diverge again from its checkpoint.
         raise NonFiniteLossError(diverged.read_text())
     run = pretrain if template.kind == "pretrain" else distill
+    stop: SystemExit | None = None
     try:
         if cfg.training.num_processes > 1:
             run_data_parallel(run, cfg, cfg.training.num_processes, report, resume_from)
@@ -59,3 +76,38 @@ def distillation_trial(config: dict[str, Any], template: TrialTemplate, cpus_per
     except NonFiniteLossError as err:
         diverged.write_text(str(err))
         raise
+    except SystemExit as err:
+        # Tune stops a trial by raising SystemExit inside `tune.report`. Its traceback holds every
+        # frame of the run, models included: keep only the code, so the memory can go below.
+        stop = SystemExit(err.code)
+    finally:
+        # The run's own copies of what Tune's storage holds: the exported student (also in the final
+        # checkpoint), the best student's weights (in every checkpoint), the checkpoint it resumed from.
+        for copy in (cfg.output_dir / "checkpoints", cfg.output_dir / "student", restored):
+            shutil.rmtree(copy, ignore_errors=True)
+        (cfg.output_dir / BEST_STUDENT).unlink(missing_ok=True)
+        (cfg.output_dir / "metrics.json").unlink(missing_ok=True)  # the last result, in result.json too
+        for empty in (cfg.output_dir, scratch):  # pre-training keeps its `students/` snapshots here
+            if empty.exists() and not any(empty.iterdir()):
+                empty.rmdir()
+    release_memory()
+    if stop is not None:
+        raise stop
+
+
+def release_memory() -> None:
+    """Free the ended trial's models now, before this worker takes the next trial (`reuse_actors`).
+
+    Modules sit in reference cycles (hooks, Accelerate's forward wrappers) that only the cycle
+    collector frees, and PyTorch's CUDA allocator keeps freed blocks for this process: other
+    processes sharing the GPU (fractional GPUs) get them back only through `empty_cache`.
+    """
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    left = live_models()
+    if left:
+        log.warning(
+            "this worker still holds %d model(s) of the trial that ended (%s): their memory is not freed for "
+            "the next trial", len(left), ", ".join(sorted({type(m).__name__ for m in left})),
+        )
