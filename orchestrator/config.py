@@ -188,8 +188,8 @@ class SweepSpec(StrictModel):
     keep: Literal["best", "final", "none"] = Field(
         default="final",
         description="what a completed trial keeps in storage: the student (weights, config, tokenizer) of its best "
-        "prediction-stage evaluation, of its last step, or nothing; stopped and failed trials keep nothing, "
-        "optimiser state is never kept",
+        "prediction-stage evaluation, of its last step, or nothing; stopped and diverged trials keep nothing, "
+        "failed ones their last checkpoint, optimiser included, for resume --retry-errored",
     )
     base: dict[str, Any] = Field(description="a run config; the space's values are set on top of it")
     space: dict[str, Any] = Field(default_factory=dict)
@@ -237,7 +237,8 @@ class SweepSpec(StrictModel):
 
     @model_validator(mode="after")
     def _keep_agrees_with_base(self) -> SweepSpec:
-        exported = (self.base.get("training") or {}).get("load_best_model_at_end")
+        training = self.base.get("training")
+        exported = isinstance(training, dict) and training.get("load_best_model_at_end")
         if exported and self.keep != "best":
             raise ValueError(f"keep {self.keep}, but base.training.load_best_model_at_end is true: write keep: best")
         return self
