@@ -15,7 +15,9 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from sweep_helpers import ROOT, cli_env, distillsweep, metric_steps, sweep_runs, tiny_space, write_space
+from sweep_helpers import (
+    ROOT, assert_mlflow_holds_what_tune_holds, cli_env, distillsweep, metric_steps, sweep_runs, tiny_space, write_space,
+)
 
 pytestmark = pytest.mark.slow
 
