@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from orchestrator.experiment_state import read_experiment_state
 from orchestrator.outcome import OUTCOME_FILE, TrialOutcome, trial_outcome
 from orchestrator.tracking import flatten
 from trainables.config import TrialTemplate
@@ -46,17 +47,9 @@ class TrialRecord:
 
 
 def tune_trial_states(folder: Path) -> dict[str, str]:
-    """trial id -> Tune status from the newest experiment state file.
-
-    Newest by the time in its name, as Tune itself picks it: after a resume Tune writes the old
-    file once more, so the older file can have the newer mtime.
-    """
-    files = sorted(folder.glob("experiment_state-*.json"), key=lambda p: p.name)
-    if not files:
-        return {}
-    data = json.loads(files[-1].read_text())
+    """trial id -> Tune status from the experiment state Tune would resume from."""
     states = {}
-    for trial_json, _runtime in data.get("trial_data", []):
+    for trial_json, _runtime in read_experiment_state(folder).get("trial_data", []):
         trial = json.loads(trial_json)
         states[trial["trial_id"]] = trial["status"]
     return states

@@ -16,6 +16,7 @@ from typing import Any
 from orchestrator.config import Distribution, SweepSpec
 from orchestrator.demo import DEMO_TEACHER, resolve_demo_teacher
 from orchestrator.disk import TrialPruner
+from orchestrator.experiment_state import StateKeeper, repair
 from orchestrator.messages import UserError
 from orchestrator.metric_names import unknown_metric_message
 from orchestrator.outcome import trial_outcome
@@ -300,9 +301,15 @@ def run_config_for(state: SweepState, tracker: SweepTracker) -> Any:
         # result.json first: a driver killed between the two leaves a row that `resume` journals from
         # result.json, so MLflow holds each step as Tune first recorded it. The pruner after the
         # tracker, which may copy the student out of the final checkpoint.
-        callbacks=[JsonLoggerCallback(), tracker, TrialPruner(spec.keep)],
+        callbacks=[JsonLoggerCallback(), tracker, TrialPruner(spec.keep), *state_keeper(spec)],
         verbose=1,
     )
+
+
+def state_keeper(spec: SweepSpec) -> list[StateKeeper]:
+    """A complete copy of Tune's experiment state for `resume`, where storage is a local folder."""
+    root = spec.storage_root()
+    return [] if "://" in root else [StateKeeper(Path(root) / spec.name)]
 
 
 def start_sweep(spec: SweepSpec, address: str | None = None) -> SweepState:
@@ -385,6 +392,9 @@ def run_tuner(state: SweepState, address: str | None, restore: bool, retry_error
         spec.storage_root().rstrip("/") + "/" + spec.name
     )
     if restore:
+        if "://" not in experiment_path and repair(Path(experiment_path)):
+            print("[distillsweep] Tune's experiment state was cut short when the driver was killed; "
+                  "resuming from its last complete snapshot")
         if not tune.Tuner.can_restore(experiment_path):
             raise UserError(f"{experiment_path}: Tune has no experiment state to resume from yet")
         if "://" not in experiment_path:

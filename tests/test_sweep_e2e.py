@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from orchestrator.experiment_state import newest_state_file
 from sweep_helpers import (
     ROOT, assert_mlflow_holds_what_tune_holds, cli_env, distillsweep, metric_steps, sweep_runs, tiny_space, write_space,
 )
@@ -188,7 +189,7 @@ def test_sweep_against_real_mlflow_server_and_report(tiny_demo_teacher, demo_cac
         os.killpg(server.pid, signal.SIGKILL)
 
 
-def test_killed_driver_resumes_with_each_trial_once_in_mlflow(tiny_demo_teacher, demo_cache, tmp_path):
+def test_driver_killed_mid_snapshot_resumes_with_each_trial_once_in_mlflow(tiny_demo_teacher, demo_cache, tmp_path):
     spec = tiny_space(
         tiny_demo_teacher, tmp_path,
         space={"training.seed": {"grid": [1, 2, 3, 4]}},
@@ -217,9 +218,13 @@ def test_killed_driver_resumes_with_each_trial_once_in_mlflow(tiny_demo_teacher,
         driver.wait()
     before = {t: len(rows) for t, rows in trial_results(folder).items()}
     finished_rows = {t: trial_results(folder)[t] for t in finished}
+    # The worst moment for the kill: while Tune rewrote its experiment state in place.
+    state_file = newest_state_file(folder)
+    state_file.write_bytes(state_file.read_bytes()[: state_file.stat().st_size // 2])
 
     done = distillsweep(["resume", str(folder)], demo_cache, tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resuming from its last complete snapshot" in done.stdout
 
     after = trial_results(folder)
     assert len(after) == 4 and all(rows[-1]["step"] == 40 for rows in after.values())

@@ -10,6 +10,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
+from orchestrator.experiment_state import LAST_COMPLETE, repair
 from orchestrator.journal import DELIVERED_FILE, JOURNAL_FILE, Journal, undelivered
 from orchestrator.messages import UserError
 from orchestrator.report import tune_trial_states
@@ -164,3 +165,18 @@ def test_status_reads_the_experiment_state_tune_would_resume_from(tmp_path):
     older.write_text(state("PAUSED"))
     assert older.stat().st_mtime > newer.stat().st_mtime
     assert tune_trial_states(tmp_path) == {"t1": "RUNNING"}
+
+
+def test_a_state_file_cut_by_a_kill_is_read_and_repaired_from_the_last_complete_snapshot(tmp_path):
+    def state(status: str) -> str:
+        return json.dumps({"trial_data": [[json.dumps({"trial_id": "t1", "status": status}), "{}"]]})
+
+    current = tmp_path / "experiment_state-2026-11-30_04-00-00.json"
+    current.write_text(state("RUNNING")[:30])
+    with pytest.raises(UserError, match="cut short"):
+        repair(tmp_path)
+
+    (tmp_path / LAST_COMPLETE).write_text(state("PENDING"))
+    assert tune_trial_states(tmp_path) == {"t1": "PENDING"}, "status reads the last complete snapshot"
+    assert repair(tmp_path) and json.loads(current.read_text())["trial_data"]
+    assert not repair(tmp_path), "a complete file is left alone"
