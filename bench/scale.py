@@ -408,6 +408,7 @@ class Watch:
     done_at: dict[str, float] = field(default_factory=dict)
     last_pid: dict[str, int] = field(default_factory=dict)
     last_change: float = 0.0
+    newest_row_time: float = 0.0  # when the newest result was made (its row's timestamp), not when it was seen
     state_series: list[tuple[float, int, int]] = field(default_factory=list)
 
     def poll(self) -> None:
@@ -423,6 +424,7 @@ class Watch:
                 self.last_change = time.time()
                 last, trial = rows[-1], path.parent.name
                 self.last_pid[trial] = last.get("pid", 0)
+                self.newest_row_time = max(self.newest_row_time, float(last.get("timestamp", 0)))
                 if last.get("step", 0) >= last.get("total_steps", math.inf):
                     self.done_at.setdefault(trial, time.time())
         states = list(self.folder.glob("experiment_state-*.json"))
@@ -629,8 +631,9 @@ class Rehearsal:
         came_back, shown = False, time.time()
         while second.proc.poll() is None:
             self.watch.poll()
-            if "resume_to_first_result_s" not in self.events and self.watch.last_change > resumed_at:
-                self.events["resume_to_first_result_s"] = round(self.watch.last_change - resumed_at, 1)
+            # A row the killed driver wrote just before it died is seen only now: go by when rows were made.
+            if "resume_to_first_result_s" not in self.events and self.watch.newest_row_time >= resumed_at:
+                self.events["resume_to_first_result_s"] = round(time.time() - resumed_at, 1)
             if not came_back and time.time() - down_at >= self.size.outage_s:
                 self.mlflow.start()
                 came_back = True
