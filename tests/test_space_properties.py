@@ -29,7 +29,7 @@ from orchestrator.cli import app
 from orchestrator.config import DISTRIBUTIONS, Resources, SchedulerConfig, SearchConfig, SweepSpec, TrackingConfig
 from orchestrator.metric_names import reported_metrics
 from trainables.config import MIX_KEY, FidelityConfig, RunConfig, StudentConfig, TrainingConfig
-from trainables.objectives import REGISTRY, Stage
+from trainables.objectives import REGISTRY
 from trainables.tasks import KNOWN_TASKS
 
 TEACHER_LAYERS = 4

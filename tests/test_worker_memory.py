@@ -4,7 +4,6 @@ before it: their teacher and student are gone, so their GPU memory is free for t
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
