@@ -1,10 +1,6 @@
-"""A sweep's disk, bounded by design: what an ended trial leaves in storage, and what a sweep uses.
+"""What a sweep's storage folder holds, split by the state of the trials that wrote it (`status`).
 
-A running trial holds one Tune checkpoint (weights, optimiser, schedule, RNG states: what exact
-resume needs) plus, briefly, the next one being written. When a trial ends, `TrialPruner` leaves
-only what `keep` asks for: a completed trial's student (weights, config, tokenizer) in its final
-checkpoint folder, where `trial.checkpoint`, `log_students` and `runs:/` readers find it; a stopped
-trial keeps nothing. It works through the trial's storage filesystem, so remote storage too.
+What each trial may keep is `orchestrator/retention.py`'s rule.
 """
 
 from __future__ import annotations
@@ -12,60 +8,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from ray.tune import Callback
-
-from orchestrator.outcome import trial_outcome
-from trainables.training import DIVERGED_MESSAGE
-
-CHECKPOINT_PREFIX = "checkpoint_"
-STUDENT = "student"
-ENDED_STATES = ("TERMINATED", "ERROR")
-
-
-class TrialPruner(Callback):
-    """Delete what no one will read from a trial's storage folder once the trial has ended for good.
-
-    Tune calls `on_trial_error` only for a trial it will not retry (max_failures spent); a trial
-    it retries keeps its checkpoint. A failed trial keeps its last checkpoint too, for
-    `distillsweep resume --retry-errored`; a diverged one would only diverge again and keeps nothing.
-    """
-
-    def __init__(self, keep: str) -> None:
-        self.keep = keep
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        completed = trial_outcome("TERMINATED", trial.last_result).kind == "completed"
-        checkpoint = trial.checkpoint if completed and self.keep != "none" else None
-        self._prune(trial, keep_student_of=checkpoint.path if checkpoint is not None else None)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        error_file = getattr(trial, "error_file", None)
-        if error_file and Path(error_file).exists() and DIVERGED_MESSAGE in Path(error_file).read_text():
-            self._prune(trial, keep_student_of=None)
-
-    def _prune(self, trial: Any, keep_student_of: str | None) -> None:
-        """Delete every checkpoint folder of the trial but the student inside `keep_student_of`."""
-        import pyarrow.fs
-
-        fs = trial.storage.storage_filesystem
-        try:
-            for entry in fs.get_file_info(pyarrow.fs.FileSelector(trial.path)):
-                if entry.type != pyarrow.fs.FileType.Directory or not entry.base_name.startswith(CHECKPOINT_PREFIX):
-                    continue
-                if keep_student_of is None or entry.path.rstrip("/") != keep_student_of.rstrip("/"):
-                    fs.delete_dir(entry.path)
-                    continue
-                for inner in fs.get_file_info(pyarrow.fs.FileSelector(entry.path)):
-                    if inner.base_name == STUDENT:
-                        continue
-                    if inner.type == pyarrow.fs.FileType.Directory:
-                        fs.delete_dir(inner.path)
-                    else:
-                        fs.delete_file(inner.path)
-        except Exception as err:  # disk bookkeeping must never fail the sweep; `status` shows what is left
-            print(f"[distillsweep] could not prune the checkpoints of trial {trial.trial_id}: {err}")
+from orchestrator.outcome import ENDED_STATES
 
 
 @dataclass

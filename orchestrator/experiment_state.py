@@ -1,7 +1,7 @@
 """Tune's experiment state, kept readable through a driver kill.
 
 Tune rewrites `experiment_state-<session>.json` in place, first in its staging folder and then in
-storage, at every snapshot (after each trial checkpoint, with `num_to_keep`); at the study's size
+storage, at every snapshot (at least 10 s apart); at the study's size
 the file is megabytes, and a driver SIGKILLed while it is written leaves it cut short, which
 `Tuner.restore` cannot read. `StateKeeper` copies each complete snapshot beside it, atomically,
 and `repair` puts that copy back before Tune reads the state.

@@ -14,6 +14,7 @@ from trainables.training import DIVERGED_MESSAGE
 
 OutcomeKind = Literal["completed", "stopped", "failed", "diverged", "running", "pending"]
 OUTCOME_FILE = "outcome.json"
+ENDED_STATES = ("TERMINATED", "ERROR")  # Tune states a trial leaves only by a resume
 MLFLOW_STATUS = {"completed": "FINISHED", "stopped": "KILLED", "failed": "FAILED", "diverged": "FAILED"}
 
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from orchestrator.config import Distribution, SweepSpec
 from orchestrator.demo import DEMO_TEACHER, resolve_demo_teacher
-from orchestrator.disk import TrialPruner
 from orchestrator.experiment_state import StateKeeper, repair
+from orchestrator.retention import CheckpointRetention
 from orchestrator.messages import UserError
 from orchestrator.metric_names import unknown_metric_message
 from orchestrator.outcome import trial_outcome
@@ -292,16 +292,19 @@ def run_config_for(state: SweepState, tracker: SweepTracker) -> Any:
     from ray.tune.logger import JsonLoggerCallback
 
     spec = state.sweep_spec
+    # Tune keeps every checkpoint's metrics in each trial's state, written at every snapshot;
+    # CheckpointRetention reads only paths, so the state stays small however many a trial makes.
+    os.environ.setdefault("TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE", "1")
     return tune.RunConfig(
         name=spec.name,
         storage_path=spec.storage_root(),
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-        # One checkpoint per running trial: Tune persists the new one before it deletes the old.
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        # No `num_to_keep`: CheckpointRetention deletes what no resumable state names (see there).
+        checkpoint_config=tune.CheckpointConfig(),
         # result.json first: a driver killed between the two leaves a row that `resume` journals from
         # result.json, so MLflow holds each step as Tune first recorded it. The pruner after the
         # tracker, which may copy the student out of the final checkpoint.
-        callbacks=[JsonLoggerCallback(), tracker, TrialPruner(spec.keep), *state_keeper(spec)],
+        callbacks=[JsonLoggerCallback(), tracker, CheckpointRetention(spec.keep), *state_keeper(spec)],
         verbose=1,
     )
 

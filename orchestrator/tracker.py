@@ -17,7 +17,7 @@ from typing import Any
 from ray.tune import Callback
 
 from orchestrator.journal import Journal, open_journal
-from orchestrator.outcome import OUTCOME_FILE, TrialOutcome, trial_outcome
+from orchestrator.outcome import ENDED_STATES, OUTCOME_FILE, TrialOutcome, trial_outcome
 from orchestrator.report import read_outcome, read_result_rows, tune_trial_states
 from orchestrator.tracking import numeric_metrics, run_params, run_tags
 from trainables.config import TrialTemplate
@@ -173,7 +173,7 @@ def reconcile_with_tune(journal: Journal, experiment_dir: Path, sweep_name: str)
             continue  # its run is opened when Tune starts the trial again
         added += sum(journal.append(metrics_record(key, row)) for row in rows)
         status = states.get(rows[-1]["trial_id"], "UNKNOWN")
-        if status in ("TERMINATED", "ERROR") and key not in journal.ended:
+        if status in ENDED_STATES and key not in journal.ended:
             outcome = read_outcome(results_file.parent, status, max(rows, key=lambda r: r.get("step", 0)))
             journal.append({"op": "tags", "key": key, "tags": outcome_tags(status, outcome)})
             journal.append({"op": "end", "key": key, "status": outcome.mlflow_status})
