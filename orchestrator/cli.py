@@ -333,19 +333,25 @@ def ui(
     sweep_dir: Annotated[Path | None, typer.Argument(help="a sweep folder (its tracking store)")] = None,
     port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000,
 ) -> None:
-    """Start the MLflow UI on 127.0.0.1 against a sweep's (or the default) tracking store."""
+    """Start the MLflow UI on 127.0.0.1 against a sweep's (or the default) tracking store, and print
+    the URL of the sweep's runs page."""
     import subprocess
 
-    from orchestrator.tracking import default_tracking_uri
+    from orchestrator.tracking import default_tracking_uri, runs_page_url
 
     uri = default_tracking_uri()
+    experiment_id = None
     if sweep_dir is not None:
         from orchestrator.sweep import SweepState
 
-        uri = SweepState.load(sweep_dir).tracking_uri
+        state = SweepState.load(sweep_dir)
+        uri, experiment_id = state.tracking_uri, state.experiment_id
     if not uri.startswith(("sqlite:", "file:", "/", "mysql", "postgresql")):
-        raise UserError(f"the tracking store is a server ({uri}): open that address in a browser instead")
-    console.print(f"MLflow UI on http://127.0.0.1:{port} for {uri} (Ctrl-C stops it)")
+        where = runs_page_url(uri, experiment_id) if experiment_id else uri
+        raise UserError(f"the tracking store is a server: open {where} in a browser instead")
+    server = f"http://127.0.0.1:{port}"
+    page = runs_page_url(server, experiment_id) if experiment_id else server
+    console.print(f"MLflow UI for {uri} (Ctrl-C stops it); the sweep's runs:\n{page}", soft_wrap=True)
     raise typer.Exit(
         subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                          "--host", "127.0.0.1", "--port", str(port)])

@@ -15,6 +15,8 @@ from trainables.config import PretrainConfig, RunConfig
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"  # the MLflow UI's kind for model-training experiments
 
 
 def fail_fast_http() -> None:
@@ -41,17 +43,28 @@ def artifact_location(tracking_uri: str) -> str | None:
 
 
 def ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:
-    """The experiment's id, creating it with an absolute artifact location if needed."""
+    """The experiment's id, creating it with an absolute artifact location if needed, marked as
+    model training (an experiment that already says what it is keeps its kind)."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location(tracking_uri))
-    except Exception:  # another trial created it concurrently
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location(tracking_uri),
+                                            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        except Exception:  # another trial created it concurrently
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return experiment.experiment_id
+
+
+def runs_page_url(server: str, experiment_id: str) -> str:
+    """The experiment's training-runs page. MLflow 3.17's UI opens experiments on its GenAI overview
+    unless the URL names the workflow (the experiment-kind tag serves older 3.x); sorted by best
+    score, the table lists every trial's run beside its sweep's parent run instead of folded under it."""
+    query = "workflowType=machine_learning&orderByKey=metrics.%60best_score%60&orderByAsc=false"
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -1,0 +1,93 @@
+"""Browsing a finished sweep as a researcher would: `distillsweep ui` serves the sweep's store, and
+a real headless browser (Debian's `chromium`) renders the page it prints."""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from sweep_helpers import cli_env, distillsweep, sweep_runs, tiny_space, write_space
+
+pytestmark = pytest.mark.slow
+
+GENAI_ONLY_TABS = ("Observability", "Judges", "Prompts &amp; versions")
+TRAINING_TABS = ("Runs", "Models", "Model registry")
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tiny_demo_teacher, demo_cache, tmp_path_factory) -> Path:
+    """A tiny two-trial sweep, run through the CLI; returns its working folder."""
+    work = tmp_path_factory.mktemp("browsed")
+    spec = tiny_space(tiny_demo_teacher, work)
+    done = distillsweep(["sweep", str(write_space(spec, work / "space.yaml"))], demo_cache, work)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return work
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+def rendered_text(url: str) -> str:
+    """The page's DOM after its scripts ran, as text lines."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser, "chromium is not installed (.ci/run installs it with apt-get)"
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=180,
+    ).stdout
+    text = re.sub(r"<script.*?</script>|<style.*?</style>", "", dom, flags=re.S)
+    return "\n".join(line.strip() for line in re.sub(r"<[^>]+>", "\n", text).splitlines() if line.strip())
+
+
+def test_ui_prints_the_sweeps_training_runs_page_with_every_run(finished_sweep, demo_cache):
+    port = free_port()
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "ui", str(finished_sweep / "sweeps" / "tiny"), "--port", str(port)],
+        cwd=finished_sweep, env=cli_env(demo_cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+    try:
+        printed = "".join(ui.stdout.readline() for _ in range(2))
+        page = re.search(r"http://127\.0\.0\.1:\d+/#/experiments/\d+/runs\S*", printed)
+        assert page, f"no runs-page URL in: {printed!r}"
+        wait_for(f"http://127.0.0.1:{port}/health", timeout=120)
+        text = rendered_text(page.group(0))
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
+
+    parent, children = sweep_runs(f"sqlite:///{finished_sweep / 'mlflow.db'}", "tests")
+    shown = set(html.unescape(text).splitlines())
+    names = [parent.info.run_name, *(child.info.run_name for child in children)]
+    assert len(children) == 2 and all(name in shown for name in names), f"runs {names} not all on the page:\n{text[:3000]}"
+    assert all(tab in text for tab in TRAINING_TABS), f"not the model-training view:\n{text[:2000]}"
+    assert not any(tab in text for tab in GENAI_ONLY_TABS), f"the GenAI view:\n{text[:2000]}"
+    experiment = MlflowClient(f"sqlite:///{finished_sweep / 'mlflow.db'}").get_experiment(parent.info.experiment_id)
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"  # what older 3.x UIs read
