@@ -10,6 +10,7 @@ are counted beside the cell and listed below the table, never averaged into it.
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from collections import defaultdict
@@ -21,6 +22,7 @@ import pandas as pd
 
 from orchestrator.experiment_state import read_experiment_state
 from orchestrator.outcome import OUTCOME_FILE, TrialOutcome, trial_outcome
+from orchestrator.plots import heatmaps, learning_curves, safe_name
 from orchestrator.tracking import flatten
 from trainables.config import TrialTemplate
 
@@ -44,6 +46,7 @@ class TrialRecord:
     steps: int
     setting: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    curve: tuple[tuple[int, float], ...] = ()  # (step, score) of each prediction-stage evaluation
 
 
 def tune_trial_states(folder: Path) -> dict[str, str]:
@@ -112,6 +115,7 @@ def read_trials(experiment_dir: Path, template: TrialTemplate) -> list[TrialReco
                 steps=int(last.get("step", 0)) if last else 0,
                 setting=configuration(cfg.model_dump(mode="json")),
                 config=template.decode(drawn),
+                curve=tuple(sorted({int(r["step"]): float(r["score"]) for r in scored}.items())),
             )
         )
     return records
@@ -184,15 +188,24 @@ def format_cell(stats: dict[str, Any], include_stopped: bool) -> str:
     return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f} ({count})"
 
 
+def row_labels(records: list[TrialRecord]) -> dict[str, str]:
+    """trial id -> the label of its table row, from the keys that vary within its task."""
+    labels = {}
+    for task in {r.task for r in records}:
+        in_task = [r for r in records if r.task == task]
+        keys = split_keys(in_task)
+        labels.update({r.trial_id: row_label(r, keys) for r in in_task})
+    return labels
+
+
 def cells(records: list[TrialRecord], value: str, include_stopped: bool) -> pd.DataFrame:
     """Long form: one row per (task, configuration, init) with its statistics."""
     rows = []
+    labels = row_labels(records)
     for task in sorted({r.task for r in records}):
-        in_task = [r for r in records if r.task == task]
-        keys = split_keys(in_task)
         groups: dict[tuple[str, str], list[TrialRecord]] = defaultdict(list)
-        for record in in_task:
-            groups[(row_label(record, keys), record.init)].append(record)
+        for record in (r for r in records if r.task == task):
+            groups[(labels[record.trial_id], record.init)].append(record)
         for (label, init), members in sorted(groups.items()):
             rows.append({"task": task, "configuration": label, "init": init,
                          **cell_stats(members, value, include_stopped)})
@@ -264,18 +277,42 @@ def render_markdown(records: list[TrialRecord], value: str, include_stopped: boo
 
 def write_report(records: list[TrialRecord], out_dir: Path, value: str = "best_score",
                  include_stopped: bool = False) -> tuple[Path, Path, str]:
-    """Save report.md, report.csv (one row per cell) and trials.csv; return the paths and the Markdown."""
+    """Save report.md, report.csv (one row per cell), trials.csv, the figures and report.html (all
+    on one page); return the Markdown's and the CSV's paths and the Markdown."""
     if not records:
         raise ValueError("no trial of this sweep has started yet")
     markdown = render_markdown(records, value, include_stopped)
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path, csv_path = out_dir / "report.md", out_dir / "report.csv"
     md_path.write_text(markdown)
-    cells(records, value, include_stopped).to_csv(csv_path, index=False)
+    table = cells(records, value, include_stopped)
+    table.to_csv(csv_path, index=False)
     pd.DataFrame([
         {"trial_id": r.trial_id, "task": r.task, "objective_mix": r.objective_mix, "init": r.init, "seed": r.seed,
          "outcome": r.outcome.kind, "outcome_detail": r.outcome.detail, "steps": r.steps,
          "final_score": r.final_score, "best_score": r.best_score}
         for r in records
     ]).to_csv(out_dir / "trials.csv", index=False)
+    figures = heatmaps(cells(records, value, include_stopped=False), out_dir, value)
+    figures += learning_curves(records, row_labels(records), out_dir)
+    (out_dir / "report.html").write_text(render_html(records, value, include_stopped, figures))
     return md_path, csv_path, markdown
+
+
+def render_html(records: list[TrialRecord], value: str, include_stopped: bool, figures: list[Path]) -> str:
+    """Tables and figures on one page, per task; the Markdown report's text around them."""
+    intro, *_ = render_markdown(records, value, include_stopped).split("\n## ", 1)
+    title, _, explanation = intro.partition("\n")
+    parts = [f"<h1>{html.escape(title.lstrip('# '))}</h1>", f"<p>{html.escape(explanation.strip())}</p>"]
+    for task, shown in study_tables(records, value, include_stopped).items():
+        parts += [f"<h2>{html.escape(task)}</h2>", shown.to_html(border=0)]
+        parts += [f'<img src="{path.name}" alt="{path.stem}">' for path in figures
+                  if path.stem.endswith(f"-{safe_name(task)}")]
+    others = left_out(records, value)
+    if others:
+        parts += ["<h2>Trials that did not complete</h2>", "<ul>"]
+        parts += [f"<li>{html.escape(line.removeprefix('- ').replace('`', ''))}</li>" for line in others]
+        parts += ["</ul>"]
+    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}td,th{padding:4px 10px}img{max-width:100%}"
+    return f"<!doctype html><meta charset='utf-8'><title>{html.escape(title.lstrip('# '))}</title>" \
+           f"<style>{style}</style>\n" + "\n".join(parts) + "\n"

@@ -55,8 +55,7 @@ def build_report(sweep_dir: Path, value: str, include_stopped: bool = False) -> 
         from mlflow import MlflowClient
 
         client = MlflowClient(state.tracking_uri)
-        for path in (md_path, csv_path, md_path.with_name("trials.csv")):
-            client.log_artifact(state.parent_run_id, str(path), "report")
+        client.log_artifacts(state.parent_run_id, str(md_path.parent), "report")
         logged = True
     except Exception as err:  # the report on disk is the result; MLflow is a copy
         print(f"[distillsweep] could not log the report to MLflow ({err})")

@@ -14,7 +14,9 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from xml.etree import ElementTree
 
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
@@ -91,3 +93,31 @@ def test_ui_prints_the_sweeps_training_runs_page_with_every_run(finished_sweep, 
     assert not any(tab in text for tab in GENAI_ONLY_TABS), f"the GenAI view:\n{text[:2000]}"
     experiment = MlflowClient(f"sqlite:///{finished_sweep / 'mlflow.db'}").get_experiment(parent.info.experiment_id)
     assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"  # what older 3.x UIs read
+
+
+def test_report_folder_holds_the_heatmap_the_learning_curves_and_one_html_page(finished_sweep, demo_cache):
+    folder = finished_sweep / "sweeps" / "tiny"
+    done = distillsweep(["report", str(folder)], demo_cache, finished_sweep)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = folder / "report"
+    cells = pd.read_csv(report / "report.csv")
+    assert len(cells) == 2 and set(cells["task"]) == {"demo"}  # kd and kd+hidden_mse, init lower
+
+    heatmap = ElementTree.parse(report / "heatmap-demo.svg").getroot()  # parses: a valid SVG
+    texts = " ".join(t.text or "" for t in heatmap.iter("{http://www.w3.org/2000/svg}text"))
+    for row in cells.to_dict("records"):
+        assert row["configuration"] in texts and row["init"] in texts
+        assert f"{100 * row['mean']:.1f}" in texts, f"cell {row['configuration']} lacks its score: {texts}"
+
+    curves = ElementTree.parse(report / "curves-demo.svg").getroot()
+    panels = [g for g in curves.iter("{http://www.w3.org/2000/svg}g") if g.get("id", "").startswith("axes_")]
+    assert len(panels) == len(cells), "one panel per cell (configuration x initialisation)"
+
+    page = (report / "report.html").read_text()
+    assert '<img src="heatmap-demo.svg"' in page and '<img src="curves-demo.svg"' in page
+    assert page.count("<table") == 1
+
+    parent, _ = sweep_runs(f"sqlite:///{finished_sweep / 'mlflow.db'}", "tests")
+    logged = {a.path for a in MlflowClient(f"sqlite:///{finished_sweep / 'mlflow.db'}").list_artifacts(
+        parent.info.run_id, "report")}
+    assert {"report/report.html", "report/heatmap-demo.svg", "report/curves-demo.svg"} <= logged
