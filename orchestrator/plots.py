@@ -3,8 +3,8 @@
 They show the same cells as the tables (`report.cells`): a heatmap cell is the mean over the
 trials that trained their whole budget; a cell where none did is grey and says how its trials
 ended, so an early-stopped cell never looks like a score. Learning curves draw every trial of a
-cell (stopped ones dashed, ending in x) and, where two or more seeds reported a step, their mean
-with a band of one standard deviation. SVG, so that one file serves the HTML report, MLflow's
+cell (stopped ones dashed, ending in x) and the mean over its seeds with a band of one standard
+deviation; one panel per configuration, one colour per initialisation. SVG, so that one file serves the HTML report, MLflow's
 artifact view and a paper draft.
 """
 
@@ -23,7 +23,6 @@ matplotlib.rcParams["svg.fonttype"] = "none"  # text stays text: searchable, and
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import pandas as pd  # noqa: E402
 
-STOPPED_STYLE = {"linestyle": "--", "alpha": 0.7}
 MISSING_COLOUR = "#d9d9d9"
 
 
@@ -66,7 +65,8 @@ def heatmaps(cells: pd.DataFrame, out_dir: Path, value: str) -> list[Path]:
 
 
 def learning_curves(records: list[Any], labels: dict[str, str], out_dir: Path) -> list[Path]:
-    """One figure per task, one panel per cell (configuration x initialisation)."""
+    """One figure per task, one panel per configuration, one colour per initialisation: each cell's
+    trials thin, their mean over seeds thick with a band of one standard deviation."""
     paths = []
     for task in sorted({r.task for r in records}):
         in_task = [r for r in records if r.task == task]
@@ -75,48 +75,59 @@ def learning_curves(records: list[Any], labels: dict[str, str], out_dir: Path) -
             by_cell[(labels[record.trial_id], record.init)].append(record)
         configs = sorted({config for config, _ in by_cell})
         inits = sorted({init for _, init in by_cell})
-        fig, axes = plt.subplots(len(configs), len(inits), figsize=(max(4.5, 3.2 * len(inits)), 0.6 + 2.4 * len(configs)),
+        columns = min(3, len(configs))
+        rows = math.ceil(len(configs) / columns)
+        fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 0.9 + 2.3 * rows),
                                  sharex=True, sharey=True, squeeze=False)
-        for i, config in enumerate(configs):
-            for j, init in enumerate(inits):
-                draw_cell(axes[i][j], by_cell.get((config, init), []))
-                axes[i][j].set_title(f"{config} | {init}", fontsize=8)
+        colours = dict(zip(inits, plt.get_cmap("tab10").colors))
+        for index, ax in enumerate(axes.flat):
+            if index >= len(configs):
+                ax.set_visible(False)
+                continue
+            for init in inits:
+                draw_cell(ax, by_cell.get((configs[index], init), []), colours[init], init)
+            ax.set_title(configs[index], fontsize=8)
+            ax.tick_params(labelsize=7)
         for ax in axes[-1]:
-            ax.set_xlabel("step")
-        for row in axes:
-            row[0].set_ylabel("score")
-        fig.suptitle(f"{task}: validation score per evaluation\n(stopped trials dashed; black: mean over seeds, band ± std)",
+            ax.set_xlabel("step", fontsize=8)
+        for ax in axes[:, 0]:
+            ax.set_ylabel("score", fontsize=8)
+        fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="upper right", fontsize=7, title="init",
+                   title_fontsize=7)
+        fig.suptitle(f"{task}: validation score per evaluation\n"
+                     "(thin: each seed, dashed ending in x if stopped; thick: mean over seeds, band ± std)",
                      fontsize=9)
-        paths.append(save(fig, out_dir / f"curves-{safe_name(task)}.svg"))
+        fig.subplots_adjust(left=0.08, right=0.88, bottom=0.5 / (0.9 + 2.3 * rows), top=1 - 0.8 / (0.9 + 2.3 * rows),
+                            hspace=0.35, wspace=0.1)
+        paths.append(save(fig, out_dir / f"curves-{safe_name(task)}.svg", tight=False))
     return paths
 
 
-def draw_cell(ax: Any, records: list[Any]) -> None:
+def draw_cell(ax: Any, records: list[Any], colour: Any, init: str) -> None:
     for record in records:
         if not record.curve:
             continue
         steps, scores = zip(*record.curve)
         stopped = record.outcome.kind != "completed"
-        ax.plot(steps, scores, linewidth=0.8, label=f"seed {record.seed}", **(STOPPED_STYLE if stopped else {}))
+        ax.plot(steps, scores, linewidth=0.6, color=colour, alpha=0.6, **({"linestyle": "--"} if stopped else {}))
         if stopped:
-            ax.plot(steps[-1], scores[-1], "x", color="black")
+            ax.plot(steps[-1], scores[-1], "x", color=colour)
     by_step: dict[int, list[float]] = defaultdict(list)
     for record in records:
         for step, score in record.curve:
             by_step[step].append(score)
-    shared = sorted(step for step, scores in by_step.items() if len(scores) > 1)
-    if shared:
-        means = [mean(by_step[s]) for s in shared]
-        spreads = [stdev(by_step[s]) for s in shared]
-        ax.plot(shared, means, color="black", linewidth=1.5)
-        ax.fill_between(shared, [m - s for m, s in zip(means, spreads)], [m + s for m, s in zip(means, spreads)],
-                        color="grey", alpha=0.3)
-    if not records:
-        ax.text(0.5, 0.5, "no trial", ha="center", va="center", transform=ax.transAxes)
+    steps = sorted(by_step)
+    if steps:
+        means = [mean(by_step[s]) for s in steps]
+        spreads = [stdev(by_step[s]) if len(by_step[s]) > 1 else 0.0 for s in steps]
+        ax.plot(steps, means, color=colour, linewidth=1.6, label=init)
+        ax.fill_between(steps, [m - s for m, s in zip(means, spreads)], [m + s for m, s in zip(means, spreads)],
+                        color=colour, alpha=0.2, linewidth=0)
 
 
-def save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
+def save(fig: Any, path: Path, tight: bool = True) -> Path:
+    if tight:
+        fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
