@@ -157,3 +157,21 @@ def test_a_different_max_seq_length_gets_its_own_file_and_a_broken_file_is_rebui
     saved = torch.load(paths[0], weights_only=True)
     assert saved["logits"].shape == (DEMO_TRAIN_ROWS, 2) and torch.isfinite(saved["logits"]).all()
 
+
+def test_a_new_logits_only_objective_gets_the_cache_from_its_declaration(
+    tiny_demo_teacher, demo_cache, tmp_path, monkeypatch, teacher_rows
+):
+    objectives = [{"name": "logit_mse", "weight": 0.5}]
+    training = {"max_steps": 4, "eval_steps": 2}
+    live, _ = distill_reports(run_config(tiny_demo_teacher, demo_cache, tmp_path / "live", objectives=objectives,
+                                         training={**training, **LIVE}))
+    teacher_rows.clear()
+    cache = TeacherLogitsCache(tmp_path / "shared")
+    with_cache(monkeypatch, cache)
+    cached, _ = distill_reports(run_config(tiny_demo_teacher, demo_cache, tmp_path / "cached", objectives=objectives,
+                                           training=training))
+    assert cache.passes_computed == 1
+    assert sum(teacher_rows) == DEMO_TRAIN_ROWS  # one pass over the training split, nothing per step
+    for left, right in zip(live, cached):
+        for key in ("train_loss", "train_logit_mse", "eval_loss", "score"):
+            assert right[key] == pytest.approx(left[key], rel=1e-5, abs=1e-6), (left["step"], key)

@@ -163,6 +163,18 @@ def kd(batch: DistillBatch, params: KDParams, module: nn.Module | None) -> Tenso
     return t * t * F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
 
 
+@objective("logit_mse", reads={Reads.LOGITS})
+def logit_mse(batch: DistillBatch, params: NoParams, module: nn.Module | None) -> Tensor:
+    """Mean over sentences of the squared distance between student and teacher logits.
+
+    The study's code distils a regression head with the summed MSE of the outputs (paper 3.1);
+    averaged over the batch, as `kd` is, and for one output exactly kd's regression loss. On a
+    classifier it matches raw logits instead of softened probabilities.
+    """
+    diff = batch.student.logits.float() - batch.teacher.logits.float()
+    return diff.pow(2).sum(dim=-1).mean()
+
+
 # --- shared helpers -----------------------------------------------------------------------------
 
 
