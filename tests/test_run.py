@@ -51,7 +51,7 @@ def test_distillation_on_demo_data_lowers_distillation_loss_and_beats_chance(tin
     student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "student")
     assert reports[-1]["student_parameters"] == sum(p.numel() for p in student.parameters())
     per_name = {f"{side}_{name}" for side in ("train", "eval") for name in ("kd", "att_kl")} | {f"eval_{m}" for m in METRICS}
-    assert set(reports[-1]) - per_name - {"stage_name"} == LOOP_METRICS
+    assert set(reports[-1]) - per_name - {"stage_name"} <= LOOP_METRICS
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["score"] == final["score"]
 
 

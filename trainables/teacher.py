@@ -97,7 +97,7 @@ def finetune_teacher(
     accelerator = make_accelerator(request.training)
     best = BestWeights(model, reporter)
     parts = RunParts(model, tokenizer, None, data, [StagePlan("finetune", (), ce_weight=1.0)])
-    settings = RunSettings(training=request.training, output_dir=work, cache_dir=request.cache_dir)
+    settings = RunSettings(objectives=[], training=request.training, output_dir=work, cache_dir=request.cache_dir)
     build_loop(parts, settings, accelerator, RunOutputs(work, best, on_step, keep_checkpoints=1)).run()
     if accelerator.is_main_process:  # the only process that reports, so the one that holds the best weights
         metrics = best.restore()
