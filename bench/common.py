@@ -227,7 +227,7 @@ def random_teacher(size: str, cache_dir: Path | None = None) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from trainables.data import cache_root
+    from trainables.cache import cache_root
 
     base = cache_root(cache_dir) / "bench" / f"random-teacher-{size}"
     if not (base / "config.json").exists():

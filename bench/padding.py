@@ -40,7 +40,7 @@ def pair_task(cache_dir: Path | None = None):
     import pandas as pd
 
     from trainables.config import LocalTask
-    from trainables.data import cache_root
+    from trainables.cache import cache_root
     from trainables.demo import ensure_demo_data
 
     root = cache_root(cache_dir) / "bench" / "demo_pairs.v2"
@@ -65,20 +65,21 @@ def pair_task(cache_dir: Path | None = None):
 
 def train_once(cfg, mode: str) -> dict[str, Any]:
     """One distill run batching as `mode` says; returns throughput, padding and metrics."""
+    import trainables.data as data_module
     import trainables.run as run_module
     from transformers import DataCollatorWithPadding
 
     length = cfg.training.max_seq_length
-    original = run_module.make_collator
+    original = data_module.make_collator
     if mode == "fixed":
-        run_module.make_collator = lambda tokenizer: DataCollatorWithPadding(
+        data_module.make_collator = lambda tokenizer: DataCollatorWithPadding(
             tokenizer, padding="max_length", max_length=length)
     stamps: dict[int, float] = {}
     try:
         with common.silence():
             metrics = run_module.distill(cfg, on_step=lambda step, total: stamps.setdefault(step, time.perf_counter()))
     finally:
-        run_module.make_collator = original
+        data_module.make_collator = original
     steps = sorted(stamps)
     return {"stamps": stamps, "metrics": metrics, "first": steps[0], "last": steps[-1]}
 
@@ -92,7 +93,7 @@ def loss_check(cfg, batches: int = 3) -> float:
     from trainables.mapping import layer_pairs
     from trainables.models import build_student, encoder_layers, forward_view, load_teacher
     from trainables.objectives import REGISTRY
-    from trainables.run import load_task_data
+    from trainables.data import load_task_data
     from trainables.tasks import resolve_task
 
     try:
@@ -129,7 +130,7 @@ def padded_tokens(cfg, mode: str) -> tuple[float, float, list[list[int]]]:
     """(mean padded length per example, mean real length, the batches) the run trains on."""
     from transformers import AutoTokenizer
 
-    from trainables.run import load_task_data
+    from trainables.data import load_task_data
     from trainables.tasks import resolve_task
     from trainables.training import epoch_batches
 

@@ -38,7 +38,7 @@ def run(cfg) -> dict[str, Any]:
 
 
 def main() -> None:
-    from trainables.run import precision_here
+    from trainables.precision import precision_here
 
     args = common.parse_args(NAME, __doc__, extra_args)
     started = time.perf_counter()

@@ -2,7 +2,7 @@
 
 The loop `trainables.run.distill` builds (captured before it trains) runs steps whose phases are
 timed one by one with the same code the loop runs: data (columnar read, collation), teacher
-forward (`_teacher_view`), student forward (`forward_view`), each objective's `compute`, the
+forward (`TeacherSource.view`), student forward (`forward_view`), each objective's `compute`, the
 backward pass, and the optimiser (clip, AdamW, schedule, zero_grad). The whole step is also timed
 as the loop runs it (`_forward_backward` + optimiser), so the phases can be checked against it.
 
@@ -75,7 +75,7 @@ def profiled_step(loop, stage, batches, count_flops: bool = False) -> tuple[dict
     counter = FlopCounterMode(display=False) if count_flops else None
     batch, phases["data"] = timed(next, batches)
     with counter if counter is not None else contextlib.nullcontext():
-        teacher_view, phases["teacher_forward"] = timed(loop._teacher_view, batch, stage)
+        teacher_view, phases["teacher_forward"] = timed(loop.teacher.view, batch, stage)
         student_view, phases["student_forward"] = timed(forward_view, distiller.student, batch, stage.needs_qkv)
         start = time.perf_counter()
         total = stage.ce_weight * task_loss(student_view.logits, batch["labels"])
@@ -172,7 +172,7 @@ def main() -> None:
         checkpoint_mb = sum(f.stat().st_size for f in (Path(tmp) / "run" / "checkpoints").rglob("*") if f.is_file()) / 2**20
         student = loop.accelerator.unwrap_model(loop.distiller)
         optimizer_ms = adamw_variants(student, 3 if smallest else 10)
-        hidden = loop.teacher.config.hidden_size
+        hidden = loop.teacher.live.model.config.hidden_size
         tokens = cfg.training.per_device_train_batch_size * cfg.training.max_seq_length
         peaks = {
             "square_best": max(matmul_gflops(n, n, n, 0.3 if smallest else 1.0) for n in (512, 1024, 2048)),
@@ -185,7 +185,7 @@ def main() -> None:
     figures = {
         "figure": "one training step by phase (median seconds), FLOPs and fraction of matmul peak",
         "setup": {
-            "teacher": Path(str(teacher)).name, "teacher_layers": loop.teacher.config.num_hidden_layers,
+            "teacher": Path(str(teacher)).name, "teacher_layers": loop.teacher.live.model.config.num_hidden_layers,
             "hidden_size": hidden, "student_layers": cfg.student.num_layers,
             "objectives": [o.name for o in cfg.objectives], "batch_size": cfg.training.per_device_train_batch_size,
             "max_seq_length": cfg.training.max_seq_length, "steps": steps, "warmup_steps": warmup,

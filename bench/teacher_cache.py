@@ -25,9 +25,9 @@ NAME = "teacher_cache"
 
 def run_trial(cfg, cache_dir: Path | None) -> dict[str, Any]:
     import trainables.run as run_module
+    import trainables.teacher_source as teacher_source_module
     from trainables.models import load_teacher
     from trainables.teacher_cache import TeacherLogitsCache
-    from trainables.training import DistillationLoop
 
     rows: list[int] = []
 
@@ -36,22 +36,20 @@ def run_trial(cfg, cache_dir: Path | None) -> dict[str, Any]:
         teacher.register_forward_hook(lambda m, a, kw, out: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
         return teacher
 
+    # this cache, for the variant whose config turns the cache on
     cache = TeacherLogitsCache(cache_dir) if cache_dir is not None else None
-
-    def loop(*args, **kwargs):  # this cache (or none), whatever `distill` would hand the loop
-        return DistillationLoop(*args, **{**kwargs, "teacher_cache": cache})
-
-    patches = {"load_teacher": counting_load_teacher, "DistillationLoop": loop}
-    originals = {k: getattr(run_module, k) for k in patches}
-    for k, v in patches.items():
-        setattr(run_module, k, v)
+    patches = [(run_module, "load_teacher", counting_load_teacher),
+               (teacher_source_module, "TeacherLogitsCache", lambda cache_dir: cache)]
+    originals = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    for module, name, value in patches:
+        setattr(module, name, value)
     start = time.perf_counter()
     try:
         with common.silence():
             metrics = run_module.distill(cfg)
     finally:
-        for k, v in originals.items():
-            setattr(run_module, k, v)
+        for module, name, value in originals:
+            setattr(module, name, value)
     return {"wall_s": time.perf_counter() - start, "teacher_rows": sum(rows), "metrics": metrics,
             "passes_computed": cache.passes_computed if cache else None}
 
@@ -78,7 +76,7 @@ def main() -> None:
                 result["config"] = {"learning_rate": lr, "temperature": temperature}
                 sweeps[variant].append(result)
                 common.log(f"trial {k} {variant}: {result['wall_s']:.1f}s, teacher rows {result['teacher_rows']}")
-        from trainables.run import load_task_data  # the training-split size, for passes per example
+        from trainables.data import load_task_data  # the training-split size, for passes per example
         from trainables.tasks import resolve_task
         from transformers import AutoTokenizer
 

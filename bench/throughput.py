@@ -70,7 +70,7 @@ class Setup:
         from trainables.data import make_collator
         from trainables.mapping import layer_pairs
         from trainables.models import build_student, encoder_layers, load_teacher, resolve_model_source
-        from trainables.run import load_task_data
+        from trainables.data import load_task_data
         from trainables.tasks import resolve_task
         from trainables.training import epoch_batches
 
@@ -144,7 +144,7 @@ def ours_first_loss(setup: Setup, precision: str = "no") -> float:
     from trainables.distiller import Distiller, Term, plan_stages
     from trainables.models import forward_view
     from trainables.objectives import REGISTRY
-    from trainables.run import precision_here
+    from trainables.precision import precision_here
 
     cfg = setup.cfg
     terms = [Term(REGISTRY[o.name], o.weight, REGISTRY[o.name].parse_params(o.params)) for o in cfg.objectives]
@@ -509,7 +509,7 @@ RUNS = ("ours", "ours_fp32", "torchdistill", "torchdistill_fused", "plain")
 
 def main() -> None:
     from trainables.config import TrainingConfig
-    from trainables.run import precision_here
+    from trainables.precision import precision_here
 
     args = common.parse_args(NAME, __doc__, extra_args)
     started = time.perf_counter()

@@ -6,11 +6,9 @@ from __future__ import annotations
 from orchestrator.config import SweepSpec
 from trainables.metrics import METRICS
 from trainables.objectives import REGISTRY
+from trainables.training import LOOP_METRICS
 
-# What `DistillationLoop._report` adds to every evaluation, and what Tune adds to every result.
-LOOP_METRICS = {"score", "best_score", "step", "prediction_step", "total_steps", "epoch", "stage",
-                "examples_per_second", "learning_rate", "peak_memory_mb", "student_parameters", "eval_loss",
-                "eval_intermediate_loss", "train_loss", "train_ce"}
+# What Tune adds to every result.
 TUNE_METRICS = {"training_iteration", "time_total_s", "time_this_iter_s", "timesteps_total"}
 TIME_ATTRS = {"prediction_step", "training_iteration", "time_total_s", "step", "epoch"}
 

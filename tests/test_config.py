@@ -25,6 +25,13 @@ def test_defaults_follow_the_study_three_layer_skip_student() -> None:
     assert cfg.objectives[0].name == "kd" and cfg.objectives[0].params == {}
 
 
+def test_a_run_config_without_task_is_refused_naming_the_field() -> None:
+    with pytest.raises(ValidationError) as info:
+        RunConfig.model_validate({"teacher": "some/teacher"})
+    message = describe_error(info.value)
+    assert "task" in message and "required" in message.lower()
+
+
 def test_unknown_objective_is_named_with_known_ones() -> None:
     message = rejected({"objectives": [{"name": "att_kld"}]})
     assert "objectives.0.name" in message and "att_kld" in message and "att_kl" in message

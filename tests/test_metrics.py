@@ -1,10 +1,12 @@
 import math
+from typing import get_args
 
 import numpy as np
 import pytest
 
+from trainables.config import MetricName
 from trainables.metrics import METRICS, GlueMetric, compute_task_metrics
-from trainables.tasks import METRIC_NAMES, resolve_task
+from trainables.tasks import resolve_task
 
 # preds vs labels: TP=2 (rows 0, 3), TN=1 (row 1), FP=1 (row 2), FN=1 (row 4)
 PREDS = np.array([1, 0, 1, 1, 0])
@@ -63,4 +65,4 @@ def test_glue_metric_rejects_unknown_metric_names_listing_known_ones():
 
 
 def test_every_metric_a_task_may_name_has_an_implementation():
-    assert set(METRICS) == set(METRIC_NAMES)
+    assert set(METRICS) == set(get_args(MetricName))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainables.objectives import REGISTRY, ContrastiveMemory, ModuleContext
+from trainables.objectives import REGISTRY, ContrastiveMemory, ModuleContext, Reads, Stage
 from trainables.views import DistillBatch, LayerPairs, ModelView
 
 B, T, H, DH = 2, 4, 2, 3
@@ -243,6 +243,35 @@ def test_kd_on_a_regression_head_is_the_mse_to_the_teacher_prediction() -> None:
     batch = make_batch()
     batch.student.logits, batch.teacher.logits = torch.tensor([[0.5], [2.0]]), torch.tensor([[1.0], [0.0]])
     assert run("kd", batch) == pytest.approx((0.25 + 4.0) / 2)
+
+
+# --- logit_mse ----------------------------------------------------------------------------------
+
+
+def ref_logit_mse(student: np.ndarray, teacher: np.ndarray) -> float:
+    """Mean over sentences of sum over outputs of (z_S - z_T)^2."""
+    total = 0.0
+    for b in range(len(student)):
+        total += sum((s - t) ** 2 for s, t in zip(student[b], teacher[b]))
+    return total / len(student)
+
+
+def test_logit_mse_is_the_mean_over_sentences_of_the_squared_logit_distance() -> None:
+    batch = make_batch()
+    expected = ref_logit_mse(arr(batch.student.logits), arr(batch.teacher.logits))
+    assert run("logit_mse", batch) == pytest.approx(expected, rel=1e-5)
+
+
+def test_logit_mse_on_a_regression_head_is_kds_regression_loss() -> None:
+    batch = make_batch()
+    batch.student.logits, batch.teacher.logits = torch.tensor([[0.5], [2.0]]), torch.tensor([[1.0], [0.0]])
+    assert run("logit_mse", batch) == pytest.approx((0.25 + 4.0) / 2) == run("kd", batch)
+
+
+def test_logit_mse_reads_only_logits_so_it_trains_the_prediction_layer_without_hooks() -> None:
+    objective = REGISTRY["logit_mse"]
+    assert objective.reads == {Reads.LOGITS}
+    assert objective.stage is Stage.PREDICTION and not objective.needs_qkv and not objective.needs_labels
 
 
 # --- hidden states ------------------------------------------------------------------------------

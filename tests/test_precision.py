@@ -16,8 +16,10 @@ from trainables.config import ObjectiveSpec, StudentConfig, TrainingConfig
 from trainables.distiller import Distiller, StagePlan, make_terms
 from trainables.mapping import layer_pairs
 from trainables.models import build_student
-from trainables.run import choose_precision
-from trainables.training import DistillationLoop, TaskData, adamw_implementation
+from trainables.precision import choose_precision
+from trainables.data import TaskData
+from trainables.teacher_source import LiveTeacher, TeacherSource
+from trainables.training import DistillationLoop, RunOutputs, adamw_implementation
 
 
 @pytest.mark.parametrize(
@@ -99,9 +101,10 @@ def kd_loop(teacher: PreTrainedModel, accelerator: Accelerator, out: Path, **tra
     settings = {"learning_rate": 1e-3, "per_device_train_batch_size": 16, "max_steps": 1, "eval_steps": 1,
                 "warmup_ratio": 0.0, "lr_scheduler_type": "constant_with_warmup", **training}
     return DistillationLoop(
-        Distiller(student, {}, layer_pairs("skip", 4, 2), False, False), teacher,
+        Distiller(student, {}, layer_pairs("skip", 4, 2), False, False),
+        TeacherSource(LiveTeacher(teacher, accelerator, dropout=False)),
         [StagePlan("train", tuple(make_terms([ObjectiveSpec(name="kd")])), 0.5)], data,
-        TrainingConfig(**settings), out, accelerator,
+        TrainingConfig(**settings), accelerator, RunOutputs(out),
     )
 
 

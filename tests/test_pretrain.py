@@ -43,7 +43,7 @@ def pretrain_config(teacher: str, corpus: Path, cache: Path, out: Path, **traini
 
 
 def test_label_needing_objectives_are_rejected_for_pretraining(tiny_demo_teacher, tmp_path):
-    for name in ("kd", "crd"):
+    for name in ("kd", "crd", "logit_mse"):
         with pytest.raises(ValidationError, match=f"objectives.0.name '{name}' needs gold labels"):
             PretrainConfig.model_validate(
                 {"corpus": {"files": ["x.txt"]}, "teacher": tiny_demo_teacher, "objectives": [{"name": name}]}

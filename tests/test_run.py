@@ -13,9 +13,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trainables.config import RunConfig
 from trainables.distiller import task_loss
 from trainables.launch import run_data_parallel
-from trainables.run import distill, load_task_data
-from trainables.tasks import resolve_task
-from trainables.training import NonFiniteLossError
+from trainables.data import load_task_data
+from trainables.run import distill
+from trainables.tasks import demo_task_spec, resolve_task
+from trainables.metrics import METRICS
+from trainables.training import LOOP_METRICS, NonFiniteLossError
 
 TRAINING = {"learning_rate": 1e-3, "per_device_train_batch_size": 32, "max_seq_length": 48}
 
@@ -48,6 +50,8 @@ def test_distillation_on_demo_data_lowers_distillation_loss_and_beats_chance(tin
     assert (tmp_path / "run" / "student" / "config.json").exists()
     student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "student")
     assert reports[-1]["student_parameters"] == sum(p.numel() for p in student.parameters())
+    per_name = {f"{side}_{name}" for side in ("train", "eval") for name in ("kd", "att_kl")} | {f"eval_{m}" for m in METRICS}
+    assert set(reports[-1]) - per_name - {"stage_name"} <= LOOP_METRICS
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["score"] == final["score"]
 
 
@@ -194,8 +198,6 @@ def test_eval_strategy_epoch_evaluates_and_saves_at_each_epoch_end_of_both_stage
 
 def demo_as_local_task() -> dict:
     """The demo tweets as a local binary task, which reports accuracy and f1."""
-    from trainables.demo import demo_task_spec
-
     spec = demo_task_spec()
     return {"name": "tweets", "train_file": str(spec.train_file), "validation_file": str(spec.validation_file)}
 

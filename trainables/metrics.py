@@ -15,6 +15,7 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
 
+from trainables.config import MetricName
 from trainables.tasks import TaskSpec
 
 
@@ -38,7 +39,8 @@ def _spearman(preds: np.ndarray, labels: np.ndarray) -> float:
     return float(spearmanr(preds, labels)[0])
 
 
-METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+# One function per name a config may give (config.MetricName), and no other.
+METRICS: dict[MetricName, Callable[[np.ndarray, np.ndarray], float]] = {
     "accuracy": _accuracy,
     "f1": _f1,
     "matthews_correlation": _matthews,

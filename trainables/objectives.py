@@ -2,7 +2,9 @@
 
 An objective is one function of a `DistillBatch` (student and teacher views, padding mask, layer
 pairs), its validated parameters, and optionally a trainable module it owns (a projection, memory
-banks). Adding one is one decorated function here plus its tests; nothing else changes.
+banks). It declares what it reads (`Reads`): the teacher-logits cache, the Q/K/V hooks, the
+two-stage split and config validation all decide from that declaration, so adding one is one
+decorated function here plus its tests; nothing else changes.
 
 Conventions, shared by every objective (shared/paper_spec.md sections 2-3):
 - divergences are KL(teacher || student);
@@ -33,6 +35,25 @@ class Stage(enum.Enum):
     INTERMEDIATE = "intermediate"
 
 
+class Reads(enum.Enum):
+    """What an objective reads of a batch besides the student's outputs.
+
+    LOGITS: the teacher's task-head logits (such objectives train the prediction layer).
+    HIDDEN_STATES: the teacher's hidden states. ATTENTION: attention scores, rebuilt from the
+    query/key projections the hooks capture. QKV: the query/key/value projections themselves.
+    LABELS: the gold labels of the training split.
+    """
+
+    LOGITS = "logits"
+    HIDDEN_STATES = "hidden_states"
+    ATTENTION = "attention"
+    QKV = "qkv"
+    LABELS = "labels"
+
+
+HOOKED = frozenset({Reads.ATTENTION, Reads.QKV})  # what only the Q/K/V forward hooks provide
+
+
 class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -58,13 +79,25 @@ BuildFn = Callable[[ModuleContext, Any], nn.Module | None]
 class Objective:
     name: str
     compute: ComputeFn
-    stage: Stage
+    reads: frozenset[Reads]
     params_model: type[BaseModel]
-    needs_qkv: bool
-    needs_labels: bool
     matches_heads: bool
     build_module: BuildFn | None
     keeps_state: bool
+
+    @property
+    def stage(self) -> Stage:
+        """Objectives on the teacher's logits train the prediction layer; the rest the layers below."""
+        return Stage.PREDICTION if Reads.LOGITS in self.reads else Stage.INTERMEDIATE
+
+    @property
+    def needs_qkv(self) -> bool:
+        """Whether the forward passes must install the Q/K/V hooks."""
+        return bool(self.reads & HOOKED)
+
+    @property
+    def needs_labels(self) -> bool:
+        return Reads.LABELS in self.reads
 
     def parse_params(self, raw: dict[str, Any]) -> BaseModel:
         """Validate an objective's own parameters; errors name the objective."""
@@ -80,18 +113,18 @@ REGISTRY: dict[str, Objective] = {}
 def objective(
     name: str,
     *,
-    stage: Stage = Stage.INTERMEDIATE,
+    reads: set[Reads],
     params: type[BaseModel] = NoParams,
-    needs_qkv: bool = False,
-    needs_labels: bool = False,
     matches_heads: bool = False,
     module: BuildFn | None = None,
     keeps_state: bool = False,
 ) -> Callable[[ComputeFn], ComputeFn]:
     """Register `fn` under `name`.
 
-    needs_qkv: the views must carry per-layer queries/keys/values (hooks are installed only then).
-    needs_labels: the objective reads gold labels (rejected for label-free pre-training).
+    reads: what the objective reads (`Reads`). It decides the objective's stage (LOGITS: the
+    prediction stage), whether the Q/K/V hooks are installed (ATTENTION, QKV), whether a cache of
+    the teacher's logits can stand in for the teacher (LOGITS alone) and whether label-free
+    pre-training may use it (neither LOGITS nor LABELS).
     matches_heads: student and teacher heads are paired by index, so their counts must agree.
     module: builds the objective's trainable module (projection, memory banks) from the run's
     shapes and the parameters; it returns None when this run needs none.
@@ -102,9 +135,7 @@ def objective(
     def register(fn: ComputeFn) -> ComputeFn:
         if name in REGISTRY:
             raise ValueError(f"objective {name!r} registered twice")
-        REGISTRY[name] = Objective(
-            name, fn, stage, params, needs_qkv, needs_labels, matches_heads, module, keeps_state
-        )
+        REGISTRY[name] = Objective(name, fn, frozenset(reads), params, matches_heads, module, keeps_state)
         return fn
 
     return register
@@ -117,7 +148,7 @@ class KDParams(NoParams):
     temperature: float = Field(default=2.0, gt=0.0)
 
 
-@objective("kd", stage=Stage.PREDICTION, params=KDParams)
+@objective("kd", reads={Reads.LOGITS}, params=KDParams)
 def kd(batch: DistillBatch, params: KDParams, module: nn.Module | None) -> Tensor:
     """T^2 * mean over sentences of KL(softmax(z_T/T) || softmax(z_S/T)) (paper 3.1).
 
@@ -130,6 +161,18 @@ def kd(batch: DistillBatch, params: KDParams, module: nn.Module | None) -> Tenso
     log_p_student = F.log_softmax(student / t, dim=-1)
     log_p_teacher = F.log_softmax(teacher / t, dim=-1)
     return t * t * F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
+
+
+@objective("logit_mse", reads={Reads.LOGITS})
+def logit_mse(batch: DistillBatch, params: NoParams, module: nn.Module | None) -> Tensor:
+    """Mean over sentences of the squared distance between student and teacher logits.
+
+    The study's code distils a regression head with the summed MSE of the outputs (paper 3.1);
+    averaged over the batch, as `kd` is, and for one output exactly kd's regression loss. On a
+    classifier it matches raw logits instead of softened probabilities.
+    """
+    diff = batch.student.logits.float() - batch.teacher.logits.float()
+    return diff.pow(2).sum(dim=-1).mean()
 
 
 # --- shared helpers -----------------------------------------------------------------------------
@@ -233,7 +276,7 @@ def masked_mse(student: Tensor, teacher: Tensor, mask: Tensor | None) -> Tensor:
     return masked_mean(diff, None if mask is None else mask[..., None])
 
 
-@objective("hidden_mse", module=build_hidden_projection)
+@objective("hidden_mse", reads={Reads.HIDDEN_STATES}, module=build_hidden_projection)
 def hidden_mse(batch: DistillBatch, params: NoParams, module: nn.Module | None) -> Tensor:
     """Sum over layer pairs of the hidden-state MSE over real tokens (paper 3.2, 3.3).
 
@@ -250,7 +293,7 @@ def hidden_mse(batch: DistillBatch, params: NoParams, module: nn.Module | None) 
     return sum(masked_mse(to_teacher_width(module, i, s[i]), t[j], mask) for i, j in batch.pairs.hidden)
 
 
-@objective("hidden_mse_token", module=build_hidden_projection)
+@objective("hidden_mse_token", reads={Reads.HIDDEN_STATES}, module=build_hidden_projection)
 def hidden_mse_token(batch: DistillBatch, params: NoParams, module: nn.Module | None) -> Tensor:
     """hidden_mse on the first token ([CLS] / <s>) only: per pair the mean over B * d (paper 3.4).
 
@@ -286,7 +329,7 @@ def attention_mse(batch: DistillBatch, student_layer: int, teacher_layer: int, t
     return masked_mean((s - t).pow(2), pairs)
 
 
-@objective("att_mse", params=AttMSEParams, needs_qkv=True, matches_heads=True)
+@objective("att_mse", reads={Reads.ATTENTION}, params=AttMSEParams, matches_heads=True)
 def att_mse(batch: DistillBatch, params: AttMSEParams, module: nn.Module | None) -> Tensor:
     """Sum over attention pairs of the MSE of attention scores (paper 3.6, TinyBERT).
 
@@ -309,7 +352,7 @@ def attention_kl(batch: DistillBatch, student_layer: int, teacher_layer: int) ->
     return masked_mean(kl_rows(p_teacher, p_student), rows)
 
 
-@objective("att_kl", needs_qkv=True, matches_heads=True)
+@objective("att_kl", reads={Reads.ATTENTION}, matches_heads=True)
 def att_kl(batch: DistillBatch, params: NoParams, module: nn.Module | None) -> Tensor:
     """Sum over attention pairs of the mean row KL between attention distributions (paper 3.7)."""
     return sum(attention_kl(batch, i, j) for i, j in batch.pairs.attention)
@@ -331,7 +374,7 @@ def relation_kl(student: Tensor, teacher: Tensor, batch: DistillBatch) -> Tensor
     return masked_mean(kl_rows(self_relation(teacher, keys), self_relation(student, keys)), rows)
 
 
-@objective("minilm", needs_qkv=True, matches_heads=True)
+@objective("minilm", reads={Reads.ATTENTION, Reads.QKV}, matches_heads=True)
 def minilm(batch: DistillBatch, params: NoParams, module: nn.Module | None) -> Tensor:
     """att_kl plus the value-relation KL, softmax(V V^T / sqrt(d_h)) per head (paper 3.8).
 
@@ -356,7 +399,7 @@ def split_heads(x: Tensor, heads: int) -> Tensor:
     return x.transpose(1, 2).reshape(b, t, heads, h * d // heads).transpose(1, 2)
 
 
-@objective("minilm_v2", params=MiniLMv2Params, needs_qkv=True)
+@objective("minilm_v2", reads={Reads.QKV}, params=MiniLMv2Params)
 def minilm_v2(batch: DistillBatch, params: MiniLMv2Params, module: nn.Module | None) -> Tensor:
     """Sum over attention pairs of the Q-Q, K-K and V-V self-relation KLs (paper 4, MiniLMv2).
 
@@ -474,7 +517,9 @@ def build_contrastive_memory(ctx: ModuleContext, params: CRDParams) -> Contrasti
     return ContrastiveMemory(ctx, params)
 
 
-@objective("crd", params=CRDParams, needs_labels=True, module=build_contrastive_memory, keeps_state=True)
+@objective(
+    "crd", reads={Reads.HIDDEN_STATES, Reads.LABELS}, params=CRDParams, module=build_contrastive_memory, keeps_state=True
+)
 def crd(batch: DistillBatch, params: CRDParams, module: nn.Module | None) -> Tensor:
     """Contrastive representation distillation on all layers' first-token vectors (paper 3.5).
 

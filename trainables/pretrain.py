@@ -8,20 +8,19 @@ fractions of the budget, ready for GLUE fine-tuning (`RunConfig` with no teacher
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from accelerate.utils import set_seed
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from trainables.config import PretrainConfig, check_against_teacher
+from trainables.config import PretrainConfig
 from trainables.corpus import block_splits, load_corpus, mlm_collator
-from trainables.distiller import Distiller, StagePlan, build_modules, make_terms
-from trainables.mapping import layer_pairs
-from trainables.models import build_student, encoder_layers, load_masked_lm_teacher, resolve_model_source
-from trainables.objectives import ModuleContext
-from trainables.run import make_accelerator, save_model
-from trainables.training import DistillationLoop, Reporter, StepCallback, TaskData
+from trainables.data import TaskData
+from trainables.distiller import StagePlan, make_terms
+from trainables.models import build_student, load_masked_lm_teacher, resolve_model_source
+from trainables.precision import make_accelerator
+from trainables.run import RunParts, check_teacher, train
+from trainables.training import Reporter, StepCallback
 
 
 def pretrain(
@@ -31,14 +30,12 @@ def pretrain(
     on_step: StepCallback | None = None,
 ) -> dict[str, float]:
     """Distil for `training.max_steps` steps; the student is saved under output_dir/student."""
-    output_dir = cfg.output_dir.expanduser().resolve()
     accelerator = make_accelerator(cfg.training)
 
     source = resolve_model_source(cfg.teacher)
     tokenizer = AutoTokenizer.from_pretrained(source)
     teacher = load_masked_lm_teacher(source)
-    teacher_layers = len(encoder_layers(teacher))
-    check_against_teacher(cfg, teacher_layers, teacher.config.num_attention_heads, teacher.config.hidden_size)
+    check_teacher(cfg, teacher)
 
     set_seed(cfg.training.seed)
     student = build_student(teacher, cfg.student, num_labels=2, auto_class=AutoModelForMaskedLM)
@@ -53,31 +50,10 @@ def pretrain(
         train=splits["train"], validation=splits["validation"],
         collate=mlm_collator(tokenizer, cfg.mlm_probability), score=None, main_metric="loss",
     )
+    stages = [StagePlan("pretrain", tuple(make_terms(cfg.objectives)), cfg.mlm_weight)]
 
-    terms = make_terms(cfg.objectives)
-    pairs = layer_pairs(cfg.mapping, teacher_layers, cfg.student.num_layers)
-    context = ModuleContext(
-        student_hidden_size=student.config.hidden_size,
-        teacher_hidden_size=teacher.config.hidden_size,
-        student_layers=cfg.student.num_layers,
-        teacher_layers=teacher_layers,
-        num_train_examples=len(data.train),
-        train_labels=None,
-        combine=pairs.combine,
-    )
-    distiller = Distiller(student, build_modules(terms, context), pairs, cfg.fidelity.count_padding, cfg.fidelity.ild_scale_by_batch)
-    loop = DistillationLoop(
-        distiller, teacher, [StagePlan("pretrain", tuple(terms), cfg.mlm_weight)], data, cfg.training, output_dir,
-        accelerator, reporter, teacher_dropout=cfg.fidelity.teacher_dropout, on_step=on_step,
-        export_student=lambda path: save_model(student, tokenizer, path),
-        snapshot_steps=frozenset(cfg.save_steps()),
-    )
-    metrics = loop.run(resume_from)
-
-    if accelerator.is_main_process:
-        save_model(student, tokenizer, output_dir / "student")
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    parts = RunParts(student, tokenizer, teacher, data, stages)
+    return train(parts, cfg, accelerator, reporter, on_step, resume_from, snapshot_steps=frozenset(cfg.save_steps()))
 
 
 def _identity(path: Path) -> list[object]:

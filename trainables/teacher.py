@@ -18,14 +18,15 @@ from accelerate.utils import set_seed
 from pydantic import Field
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from trainables.config import LocalTask, StrictModel, TrainingConfig
-from trainables.distiller import Distiller, StagePlan
-from trainables.models import resolve_model_source
-from trainables.data import cache_root
-from trainables.run import load_task_data, make_accelerator, save_model
+from trainables.cache import cache_root
+from trainables.config import LocalTask, RunSettings, StrictModel, TrainingConfig
+from trainables.data import load_task_data
+from trainables.distiller import StagePlan
+from trainables.models import resolve_model_source, save_model
+from trainables.precision import make_accelerator
+from trainables.run import RunParts, build_loop
 from trainables.tasks import resolve_task
-from trainables.training import DistillationLoop, Reporter, StepCallback
-from trainables.views import LayerPairs
+from trainables.training import Reporter, RunOutputs, StepCallback
 
 TEACHER_RECORD = "teacher.json"
 
@@ -95,19 +96,9 @@ def finetune_teacher(
     data = load_task_data(spec, tokenizer, request.training, request.cache_dir)
     accelerator = make_accelerator(request.training)
     best = BestWeights(model, reporter)
-    loop = DistillationLoop(
-        Distiller(model, {}, LayerPairs(hidden=(), attention=()), count_padding=False, ild_scale_by_batch=False),
-        teacher=None,
-        stages=[StagePlan("finetune", (), ce_weight=1.0)],
-        data=data,
-        training=request.training,
-        output_dir=work,
-        accelerator=accelerator,
-        reporter=best,
-        keep_checkpoints=1,
-        on_step=on_step,
-    )
-    loop.run()
+    parts = RunParts(model, tokenizer, None, data, [StagePlan("finetune", (), ce_weight=1.0)])
+    settings = RunSettings(objectives=[], training=request.training, output_dir=work, cache_dir=request.cache_dir)
+    build_loop(parts, settings, accelerator, RunOutputs(work, best, on_step, keep_checkpoints=1)).run()
     if accelerator.is_main_process:  # the only process that reports, so the one that holds the best weights
         metrics = best.restore()
         save_model(model, tokenizer, work)

@@ -1,12 +1,12 @@
 """The teacher's logits for every training example, computed once and shared by a sweep's trials.
 
-When every term of a training stage reads only the teacher's logits (`kd`) and the teacher runs
-without dropout, the teacher's output for an example is the same in every epoch of every trial
-that uses the same teacher and the same tokenised data. `TeacherLogitsCache` then runs the teacher
-once over the training split (eval mode, no gradient, under the run's autocast), keeps the logits
-in one file under `<cache root>/teacher_logits/`, and serves `ModelView(logits=...)` by the
-batch's `example_id`; later trials, in this process or another, load the file and never run the
-teacher. Stages whose objectives read hidden states or attention keep the live teacher.
+When every term of a training stage reads only the teacher's logits and the teacher runs without
+dropout, the teacher's output for an example is the same in every epoch of every trial that uses
+the same teacher and the same tokenised data. `TeacherLogitsCache` then runs the teacher once over
+the training split (eval mode, no gradient, under the run's autocast) and keeps the logits in one
+file under `<cache root>/teacher_logits/`; later trials, in this process or another, load the file
+and never run the teacher. Which stages read the cache is decided in `trainables.teacher_source`
+from what their objectives declare they read.
 
 The file is keyed by the teacher's identity (its directory, the size and modification time of its
 files, a hash of its classification head), a hash of the tokenised training split's content
@@ -14,8 +14,6 @@ files, a hash of its classification head), a hash of the tokenised training spli
 `max_seq_length` itself and the mixed-precision mode. It is written under an exclusive lock to a
 temporary name and renamed into place, so concurrent trials neither corrupt it nor compute it
 twice; a file that cannot be read is rebuilt.
-
-`trainables.run.distill` gives every task-specific run one; pre-training runs need hidden states.
 """
 
 from __future__ import annotations
@@ -28,34 +26,24 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from accelerate import Accelerator
+from datasets import Dataset
 from torch import Tensor
+from transformers import PreTrainedModel
 
-from trainables.data import cache_root
-from trainables.views import ModelView
-
-if TYPE_CHECKING:
-    from datasets import Dataset
-    from transformers import PreTrainedModel
-
-    from trainables.distiller import StagePlan
-    from trainables.training import DistillationLoop
+from trainables.cache import cache_root
+from trainables.config import TrainingConfig
+from trainables.data import TaskData
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the file layout or the key changes
 CACHE_SUBDIR = "teacher_logits"
-# Objectives whose only read of the teacher is `batch.teacher.logits`.
-LOGITS_ONLY_OBJECTIVES = frozenset({"kd"})
 # Files that make a model directory's weights and architecture.
 MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".pt", ".pth")
-
-
-def logits_only(stage: StagePlan) -> bool:
-    """Whether every term of `stage` reads only the teacher's logits."""
-    return bool(stage.terms) and all(t.name in LOGITS_ONLY_OBJECTIVES for t in stage.terms)
 
 
 def teacher_identity(teacher: PreTrainedModel) -> dict[str, Any] | None:
@@ -126,7 +114,7 @@ def exclusive_lock(path: Path) -> Iterator[None]:
 
 
 class TeacherLogitsCache:
-    """Serves the teacher's logits by example id for stages that need nothing else from it.
+    """The teacher's logits over a training split, from the shared file or computed into it.
 
     One object per run; the file it reads or writes is shared by every run with the same key.
     `passes_computed` counts the teacher passes over the training split this object made (0 when it
@@ -137,66 +125,25 @@ class TeacherLogitsCache:
         self.root = cache_root(cache_dir) / CACHE_SUBDIR
         self.path: Path | None = None
         self.passes_computed = 0
-        self._logits: Tensor | None = None
-        self._disabled = False
 
-    # --- called by DistillationLoop._teacher_view -----------------------------------------------
-
-    def serves(self, stage: StagePlan, loop: DistillationLoop) -> bool:
-        """True when `stage` reads only logits and the teacher is deterministic (no dropout)."""
-        return (
-            not self._disabled
-            and logits_only(stage)
-            and loop.teacher is not None
-            and not loop.teacher.training
-        )
-
-    def view(self, batch: dict[str, Tensor], loop: DistillationLoop) -> ModelView:
-        """The teacher's view of `batch` from the cache: logits only."""
-        if self._logits is None:
-            reason = None
-            if "example_id" not in batch:
-                reason = "batches carry no example_id"
-            elif teacher_identity(loop.accelerator.unwrap_model(loop.teacher)) is None:
-                reason = "the teacher has no name_or_path to key the file by"
-            if reason is not None:  # run the teacher live, as without a cache
-                log.warning("teacher logits not cached: %s", reason)
-                self._disabled = True
-                from trainables.models import forward_view
-
-                return forward_view(loop.teacher, batch, need_qkv=False)
-            self._logits = self._load_or_build(loop).to(loop.accelerator.device)
-        ids = batch["example_id"].to(self._logits.device).long()
-        return ModelView(logits=self._logits.index_select(0, ids))
-
-    # --- the file ---------------------------------------------------------------------------------
-
-    def key(self, loop: DistillationLoop) -> dict[str, Any]:
-        teacher = loop.accelerator.unwrap_model(loop.teacher)
-        return {
-            "format": CACHE_FORMAT,
-            "teacher": teacher_identity(teacher),
-            "data": dataset_content_hash(loop.data.train),
-            "rows": len(loop.data.train),
-            "max_seq_length": loop.training.max_seq_length,
-            "precision": str(loop.accelerator.mixed_precision),
-        }
-
-    def _load_or_build(self, loop: DistillationLoop) -> Tensor:
-        key = self.key(loop)
+    def logits(
+        self, teacher: PreTrainedModel, data: TaskData, training: TrainingConfig, accelerator: Accelerator
+    ) -> Tensor:
+        """[max example_id + 1, num_labels] float32 logits of `data.train`, on the main process built
+        under an exclusive lock when no file holds them yet; every process then reads the file."""
+        key = cache_key(accelerator.unwrap_model(teacher), data.train, training, accelerator)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
         self.path = self.root / f"{digest}.pt"
-        accelerator = loop.accelerator
         if accelerator.is_main_process:
             logits = self._read(self.path, key)
             if logits is None:
                 with exclusive_lock(self.path.with_suffix(".lock")):
                     logits = self._read(self.path, key)  # another trial may have built it meanwhile
                     if logits is None:
-                        logits = compute_logits(loop)
+                        logits = compute_logits(teacher, data, training.per_device_eval_batch_size, accelerator)
                         self.passes_computed += 1
                         self._write(self.path, key, logits)
-                        log.info("teacher logits of %d examples cached at %s", len(loop.data.train), self.path)
+                        log.info("teacher logits of %d examples cached at %s", len(data.train), self.path)
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             logits = self._read(self.path, key)
@@ -225,34 +172,46 @@ class TeacherLogitsCache:
         os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
 
 
+def cache_key(
+    teacher: PreTrainedModel, train: Dataset, training: TrainingConfig, accelerator: Accelerator
+) -> dict[str, Any]:
+    """Everything the cached logits depend on."""
+    return {
+        "format": CACHE_FORMAT,
+        "teacher": teacher_identity(teacher),
+        "data": dataset_content_hash(train),
+        "rows": len(train),
+        "max_seq_length": training.max_seq_length,
+        "precision": str(accelerator.mixed_precision),
+    }
+
+
 @torch.no_grad()
-def compute_logits(loop: DistillationLoop) -> Tensor:
+def compute_logits(teacher: PreTrainedModel, data: TaskData, batch_size: int, accelerator: Accelerator) -> Tensor:
     """The teacher's logits [max example_id + 1, num_labels] in float32, one pass over the split.
 
     Examples go in order of length, so batches carry little padding; each row lands at its
     `example_id`. The forward runs as the live teacher's does: eval mode, the run's autocast.
     """
-    train = loop.data.train
-    teacher = loop.teacher
+    train = data.train
     ids = train["example_id"]
     lengths = [len(x) for x in train["input_ids"]]
     order = sorted(range(len(train)), key=lambda i: lengths[i])
-    size = loop.training.per_device_eval_batch_size
     table: Tensor | None = None
     was_training = teacher.training
     teacher.eval()
     try:
-        for start in range(0, len(order), size):
-            indices = order[start : start + size]
+        for start in range(0, len(order), batch_size):
+            indices = order[start : start + batch_size]
             columns = train[indices]
             features = [dict(zip(columns, values)) for values in zip(*columns.values())]
-            batch = loop.data.collate(features)
+            batch = data.collate(features)
             inputs = {
-                k: v.to(loop.accelerator.device)
+                k: v.to(accelerator.device)
                 for k, v in batch.items()
                 if k in ("input_ids", "attention_mask", "token_type_ids")
             }
-            with loop.accelerator.autocast():
+            with accelerator.autocast():
                 logits = teacher(**inputs).logits.float().cpu()
             if table is None:
                 table = torch.full((max(ids) + 1, logits.shape[-1]), float("nan"))

@@ -30,12 +30,13 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, get_scheduler
 
 from trainables.config import TrainingConfig
+from trainables.data import TaskData
 from trainables.distiller import Distiller, StagePlan, task_loss
 from trainables.models import forward_view
+from trainables.teacher_source import TeacherSource
 
 Reporter = Callable[[dict[str, float], Path | None], None]
 StepCallback = Callable[[int, int], None]
-EvaluateFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
 CHECKPOINT_STATE = "state.pt"
 CHECKPOINT_PROGRESS = "progress.json"
 BEST_STUDENT = "best_student.pt"  # weights only, for `load_best_model_at_end`
@@ -65,13 +66,23 @@ class Progress:
     best_score: float | None = None
 
 
-@dataclass
-class TaskData:
-    train: Dataset
-    validation: Dataset
-    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
-    score: EvaluateFn
-    main_metric: str
+@dataclass(frozen=True)
+class RunOutputs:
+    """Where the loop puts what it makes, and who hears of it.
+
+    directory: checkpoints (the last `keep_checkpoints`) and the best student's weights.
+    reporter: receives every evaluation's metrics (LOOP_METRICS and the per-term and per-metric
+    names) with the checkpoint saved with them; on_step: (global step, total steps) after each step.
+    export_student: saves a loadable student to a path: into the final checkpoint, and at
+    `snapshot_steps` under directory/students/ (pre-training keeps students along its budget).
+    """
+
+    directory: Path
+    reporter: Reporter | None = None
+    on_step: StepCallback | None = None
+    keep_checkpoints: int = 2
+    export_student: Callable[[Path], None] | None = None
+    snapshot_steps: frozenset[int] = frozenset()
 
 
 def epoch_batches(
@@ -145,37 +156,36 @@ def adamw_implementation(params: list[torch.Tensor]) -> dict[str, bool]:
     return {"fused": True} if params and fusable else {}
 
 
+# Every name an evaluation report carries besides `eval_<task metric>` and `train_<term>` /
+# `eval_<term>` of each objective: what `_train_stage`, `evaluate` and `_report` put in it.
+LOOP_METRICS = frozenset({
+    "train_loss", "train_ce", "examples_per_second", "learning_rate",  # _train_stage
+    "score", "eval_loss", "eval_intermediate_loss",  # evaluate
+    "step", "stage", "total_steps", "epoch", "peak_memory_mb", "student_parameters",  # _report
+    "prediction_step", "best_score",  # _report, in the prediction stage
+})
+
+
 class DistillationLoop:
     """Trains a `Distiller` through its stages, evaluating and checkpointing every `eval_steps` or epoch."""
 
     def __init__(
         self,
         distiller: Distiller,
-        teacher: PreTrainedModel | None,
+        teacher: TeacherSource,
         stages: list[StagePlan],
         data: TaskData,
         training: TrainingConfig,
-        output_dir: Path,
         accelerator: Accelerator,
-        reporter: Reporter | None = None,
-        teacher_dropout: bool = False,
-        keep_checkpoints: int = 2,
-        on_step: StepCallback | None = None,
-        teacher_cache: Any = None,  # trainables.teacher_cache.TeacherLogitsCache (issue #5)
-        export_student: Callable[[Path], None] | None = None,
-        snapshot_steps: frozenset[int] = frozenset(),
+        outputs: RunOutputs,
     ) -> None:
-        self.teacher_cache = teacher_cache
+        self.teacher = teacher
         self.training = training
         self.stages = stages
         self.data = data
-        self.output_dir = output_dir
+        self.outputs = outputs
+        self.output_dir = outputs.directory
         self.accelerator = accelerator
-        self.reporter = reporter
-        self.keep_checkpoints = keep_checkpoints
-        self.on_step = on_step
-        self.export_student = export_student
-        self.snapshot_steps = snapshot_steps
         self.progress = Progress()
         # fp16 on a GPU: Accelerate's GradScaler, stepped here (_optimizer_step); None otherwise.
         self.scaler = accelerator.scaler
@@ -183,14 +193,10 @@ class DistillationLoop:
         # parameters that stage trains (_start_stage).
         self.distiller = accelerator.prepare_model(distiller, evaluation_mode=True)
         self._trainable = {n for n, p in distiller.named_parameters() if p.requires_grad}
-        self.teacher = teacher
-        if teacher is not None:
-            self.teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
-            self.teacher.train(teacher_dropout)
-            self.teacher.requires_grad_(False)
         self._lengths = [len(ids) for ids in data.train["input_ids"]]
-        # a second objective for multi-objective searches (accuracy against size)
-        self.student_parameters = sum(p.numel() for p in accelerator.unwrap_model(self.distiller).student.parameters())
+        # A second objective for multi-objective searches (accuracy against size): the student model's
+        # own weights, not the projections or CRD heads the objectives train alongside it.
+        self.student_parameters = sum(p.numel() for p in distiller.student.parameters())
         self._start_stage()
 
     # --- schedule ----------------------------------------------------------------------------
@@ -246,7 +252,7 @@ class DistillationLoop:
             batch = self.data.collate(rows(self.data.train, list(range(min(PROBE_EXAMPLES, len(self._lengths))))))
             batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
             module.train()
-            return module.unreached_parameters(batch, self._teacher_view(batch, stage), stage)
+            return module.unreached_parameters(batch, self.teacher.view(batch, stage), stage)
         finally:
             set_rng_state(state)
 
@@ -318,11 +324,11 @@ class DistillationLoop:
             self.progress.stage_step += 1
             self.progress.global_step += 1
             window_steps += 1
-            if self.on_step is not None:
-                self.on_step(self.progress.global_step, self.steps_per_stage * len(self.stages))
-            if self.progress.global_step in self.snapshot_steps and self.export_student is not None:
+            if self.outputs.on_step is not None:
+                self.outputs.on_step(self.progress.global_step, self.steps_per_stage * len(self.stages))
+            if self.progress.global_step in self.outputs.snapshot_steps and self.outputs.export_student is not None:
                 if self.accelerator.is_main_process:
-                    self.export_student(self.output_dir / "students" / f"step-{self.progress.global_step:07d}")
+                    self.outputs.export_student(self.output_dir / "students" / f"step-{self.progress.global_step:07d}")
             at_end = self.progress.stage_step == total_steps
             if self._evaluation_due() or at_end:
                 train_metrics = {f"train_{k}": (v / window_steps).item() for k, v in sums.items()}
@@ -346,8 +352,7 @@ class DistillationLoop:
         """One micro-batch; gradients sync across processes only on the last of an accumulation."""
         context = nullcontext() if sync else self.accelerator.no_sync(self.distiller)
         with context, self.accelerator.autocast():
-            teacher_view = self._teacher_view(batch, stage)
-            loss, terms = self.distiller(batch, teacher_view, stage)
+            loss, terms = self.distiller(batch, self.teacher.view(batch, stage), stage)
             scaled = loss / self.training.gradient_accumulation_steps
             (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
         return loss, terms
@@ -375,14 +380,12 @@ class DistillationLoop:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _out_of_memory(self, batch: dict[str, torch.Tensor]) -> TrialOutOfMemoryError:
-        student = self.accelerator.unwrap_model(self.distiller)
-        teacher_params = sum(p.numel() for p in self.teacher.parameters()) if self.teacher is not None else 0
         rows, length = batch["input_ids"].shape
         return TrialOutOfMemoryError(
             f"out of memory on {self.accelerator.device} at step {self.progress.global_step}: batch of {rows} "
             f"x {length} tokens (per_device_train_batch_size {self.training.per_device_train_batch_size}, "
-            f"max_seq_length {self.training.max_seq_length}), student {sum(p.numel() for p in student.parameters()):,} "
-            f"parameters, teacher {teacher_params:,}; lower per_device_train_batch_size and raise "
+            f"max_seq_length {self.training.max_seq_length}), student {self.student_parameters:,} "
+            f"parameters, teacher {self.teacher.num_parameters:,}; lower per_device_train_batch_size and raise "
             "gradient_accumulation_steps, or give the trial a whole GPU"
         )
 
@@ -404,16 +407,6 @@ class DistillationLoop:
         if self.training.save_steps is not None:
             return self.progress.global_step % self.training.save_steps == 0
         return self._evaluation_due()
-
-    @torch.no_grad()
-    def _teacher_view(self, batch: dict[str, torch.Tensor], stage: StagePlan):
-        if not stage.needs_teacher or self.teacher is None:
-            return None
-        # --- teacher-logits cache (issue #5): logits-only stages read one shared, precomputed pass
-        if self.teacher_cache is not None and self.teacher_cache.serves(stage, self):
-            return self.teacher_cache.view(batch, self)
-        # --- end teacher-logits cache
-        return forward_view(self.teacher, batch, need_qkv=stage.needs_qkv)
 
     def _check_finite(self, train_metrics: dict[str, float]) -> None:
         bad = {k: v for k, v in train_metrics.items() if not math.isfinite(v)}
@@ -484,7 +477,7 @@ class DistillationLoop:
         for batch in loader:
             batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
             with self.accelerator.autocast():
-                loss, terms = distiller(batch, self._teacher_view(batch, stage), stage)
+                loss, terms = distiller(batch, self.teacher.view(batch, stage), stage)
             rows = len(batch["input_ids"])
             for name, value in {"loss": loss, **terms}.items():
                 sums[name] = sums.get(name, 0.0) + value.item() * rows
@@ -519,10 +512,11 @@ class DistillationLoop:
         if last and self.training.load_best_model_at_end and self.accelerator.is_main_process:
             # After the final checkpoint (which resumes the last step), so only what is saved from here on is the best.
             self._student().load_state_dict(torch.load(self.output_dir / BEST_STUDENT, map_location="cpu"))
-        if checkpoint is not None and last and self.export_student is not None and self.accelerator.is_main_process:
-            self.export_student(checkpoint / "student")  # the final checkpoint carries a loadable student
-        if self.reporter is not None and self.accelerator.is_main_process:
-            self.reporter(dict(metrics, stage_name=stage.name), checkpoint)
+        export = self.outputs.export_student
+        if checkpoint is not None and last and export is not None and self.accelerator.is_main_process:
+            export(checkpoint / "student")  # the final checkpoint carries a loadable student
+        if self.outputs.reporter is not None and self.accelerator.is_main_process:
+            self.outputs.reporter(dict(metrics, stage_name=stage.name), checkpoint)
 
     def save_checkpoint(self) -> Path:
         path = self.output_dir / "checkpoints" / f"step-{self.progress.global_step:07d}"
@@ -546,7 +540,7 @@ class DistillationLoop:
 
     def _prune_checkpoints(self, keep: Path) -> None:
         existing = sorted(p for p in keep.parent.iterdir() if p.is_dir() and p != keep)
-        for old in existing[: max(0, len(existing) - (self.keep_checkpoints - 1))]:
+        for old in existing[: max(0, len(existing) - (self.outputs.keep_checkpoints - 1))]:
             shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, path: Path) -> None:
