@@ -137,6 +137,9 @@ SEARCHERS: dict[str, Searcher] = {
     "grid": Searcher(draws=frozenset({"grid"})),
     "random": Searcher(draws=frozenset(DISTRIBUTIONS)),
     "optuna": Searcher(draws=SAMPLED, sampler=tpe_or_nsga2, multi_objective=True),
+    # Scrambled Sobol points: the space covered evenly from the first trials on, no model to fit.
+    "qmc": Searcher(draws=SAMPLED, sampler=lambda s: optuna.samplers.QMCSampler(scramble=True, seed=s.seed),
+                    multi_objective=True),
 }
 
 
