@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import optuna
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule, PopulationBasedTraining
 from ray.tune.search.optuna import OptunaSearch
 
@@ -32,67 +32,6 @@ from trainables.tune_trainable import RUN_CONFIG
 
 # Tune's own check, which would refuse stage-1 results for lacking `score`.
 STRICT_METRIC_CHECK = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
-
-
-class SearchConfig(StrictModel):
-    algorithm: str = Field(default="grid", description="an entry of orchestrator.search.SEARCHERS")
-    num_samples: int = Field(default=1, ge=1, description="repeats of the grid, or samples to draw")
-    metric: str | list[str] = "score"
-    mode: Literal["max", "min"] | list[Literal["max", "min"]] = "max"
-    seed: int | None = None
-
-    @field_validator("algorithm")
-    @classmethod
-    def _known(cls, algorithm: str) -> str:
-        if algorithm not in SEARCHERS:
-            raise ValueError(f"{algorithm!r} is no search algorithm; use one of {', '.join(SEARCHERS)}")
-        return algorithm
-
-    @model_validator(mode="after")
-    def _objectives_agree(self) -> SearchConfig:
-        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-        modes = self.mode if isinstance(self.mode, list) else [self.mode]
-        if not metrics:
-            raise ValueError("search.metric is empty: name the metric to optimise, e.g. score")
-        if len(metrics) != len(modes):
-            raise ValueError(f"search.metric lists {len(metrics)} metrics but search.mode {len(modes)} modes")
-        if len(metrics) > 1 and not SEARCHERS[self.algorithm].multi_objective:
-            able = " or ".join(name for name, entry in SEARCHERS.items() if entry.multi_objective)
-            raise ValueError(f"several search.metric values (multi-objective) need search.algorithm {able}")
-        return self
-
-    @property
-    def multi_objective(self) -> bool:
-        return isinstance(self.metric, list) and len(self.metric) > 1
-
-
-class SchedulerConfig(StrictModel):
-    type: str = Field(default="none", description="an entry of orchestrator.search.SCHEDULERS")
-    time_attr: str = Field(
-        default="prediction_step",
-        description="the counter max_t, grace_period and perturbation_interval are in: prediction_step is the "
-        "optimiser steps of the stage that trains the prediction layer (all steps of a one-stage trial)",
-    )
-    max_t: int = Field(default=100, ge=1)
-    grace_period: int = Field(default=1, ge=1)
-    reduction_factor: float = Field(default=2.0, gt=1.0)
-    perturbation_interval: int = Field(default=2, ge=1)
-    hyperparam_mutations: dict[str, Distribution] = Field(default_factory=dict)
-
-    @field_validator("type")
-    @classmethod
-    def _known(cls, kind: str) -> str:
-        if kind not in SCHEDULERS:
-            raise ValueError(f"{kind!r} is no scheduler; use one of {', '.join(SCHEDULERS)}")
-        return kind
-
-    @model_validator(mode="after")
-    def _coherent(self) -> SchedulerConfig:
-        if self.type == "asha" and self.grace_period > self.max_t:
-            raise ValueError(f"scheduler.grace_period {self.grace_period} exceeds scheduler.max_t {self.max_t}")
-        if self.type == "pbt" and not self.hyperparam_mutations:
-            raise ValueError("scheduler pbt needs hyperparam_mutations (e.g. training.learning_rate)")
-        return self
 
 
 # --- searchers ------------------------------------------------------------------------------
@@ -208,3 +147,53 @@ SCHEDULERS: dict[str, Callable[[SchedulerConfig, TrialTemplate], Any]] = {
     "median": lambda s, template: MedianStopping(template, time_attr=s.time_attr, grace_period=s.grace_period),
     "pbt": pbt,
 }
+
+
+# --- settings: the `search` and `scheduler` sections of a space file --------------------------
+
+
+class SearchConfig(StrictModel):
+    algorithm: Literal[tuple(SEARCHERS)] = "grid"
+    num_samples: int = Field(default=1, ge=1, description="repeats of the grid, or samples to draw")
+    metric: str | list[str] = "score"
+    mode: Literal["max", "min"] | list[Literal["max", "min"]] = "max"
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _objectives_agree(self) -> SearchConfig:
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        modes = self.mode if isinstance(self.mode, list) else [self.mode]
+        if not metrics:
+            raise ValueError("search.metric is empty: name the metric to optimise, e.g. score")
+        if len(metrics) != len(modes):
+            raise ValueError(f"search.metric lists {len(metrics)} metrics but search.mode {len(modes)} modes")
+        if len(metrics) > 1 and not SEARCHERS[self.algorithm].multi_objective:
+            able = " or ".join(name for name, entry in SEARCHERS.items() if entry.multi_objective)
+            raise ValueError(f"several search.metric values (multi-objective) need search.algorithm {able}")
+        return self
+
+    @property
+    def multi_objective(self) -> bool:
+        return isinstance(self.metric, list) and len(self.metric) > 1
+
+
+class SchedulerConfig(StrictModel):
+    type: Literal[tuple(SCHEDULERS)] = "none"
+    time_attr: str = Field(
+        default="prediction_step",
+        description="the counter max_t, grace_period and perturbation_interval are in: prediction_step is the "
+        "optimiser steps of the stage that trains the prediction layer (all steps of a one-stage trial)",
+    )
+    max_t: int = Field(default=100, ge=1)
+    grace_period: int = Field(default=1, ge=1)
+    reduction_factor: float = Field(default=2.0, gt=1.0)
+    perturbation_interval: int = Field(default=2, ge=1)
+    hyperparam_mutations: dict[str, Distribution] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> SchedulerConfig:
+        if self.type == "asha" and self.grace_period > self.max_t:
+            raise ValueError(f"scheduler.grace_period {self.grace_period} exceeds scheduler.max_t {self.max_t}")
+        if self.type == "pbt" and not self.hyperparam_mutations:
+            raise ValueError("scheduler pbt needs hyperparam_mutations (e.g. training.learning_rate)")
+        return self
