@@ -188,7 +188,7 @@ def minilm_teacher() -> Path:
     import contextlib
     import io
 
-    from orchestrator.demo import demo_teacher
+    from orchestrator.teachers import demo_teacher
 
     with contextlib.redirect_stdout(io.StringIO()):
         return demo_teacher()

@@ -444,7 +444,7 @@ class Watch:
 
 def consistency(experiment_dir: Path, db: Path, expected_trials: int) -> dict[str, Any]:
     """Tune's trial folders against the MLflow server's tables; every failed item is counted."""
-    from orchestrator.tracker import TUNE_BOOKKEEPING  # what the tracker leaves out of MLflow
+    from orchestrator.mlflow_callback import TUNE_BOOKKEEPING  # what the tracker leaves out of MLflow
 
     trials: dict[str, list[dict[str, Any]]] = {}
     folders = [p.parent for p in experiment_dir.glob("*/params.json")]

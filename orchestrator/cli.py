@@ -1,7 +1,8 @@
 """`distillsweep`: the command line.
 
 Errors a user can cause (bad files, unknown objectives, missing teachers) are printed as one
-message naming the problem, with exit code 2, never as a traceback.
+message naming the problem, with exit code 2, never as a traceback. Each command imports what it
+runs when it runs: those modules bring Ray and PyTorch, which `--help` should not wait for.
 """
 
 from __future__ import annotations
@@ -116,8 +117,8 @@ def run(
     resume: Annotated[Path | None, typer.Option(help="checkpoint directory to resume from")] = None,
 ) -> None:
     """Run one distillation from a config file."""
-    from orchestrator.demo import DEMO_TEACHER, demo_teacher
     from orchestrator.single_run import run_single
+    from orchestrator.teachers import DEMO_TEACHER, demo_teacher
     from trainables.config import load_run_config
 
     cfg = load_run_config(config, parse_overrides(set_))
@@ -206,7 +207,8 @@ def sweep(
 ) -> None:
     """Run a sweep: every trial of the space file, scheduled by Ray Tune, recorded in MLflow."""
     from orchestrator.config import load_sweep_spec
-    from orchestrator.sweep import start_sweep, validate
+    from orchestrator.preflight import validate
+    from orchestrator.sweep import start_sweep
 
     spec = load_sweep_spec(space_file, parse_overrides(set_))
     if dry_run:
@@ -219,7 +221,7 @@ def sweep(
 
 
 def print_space(spec: Any, checked: int) -> None:
-    from orchestrator.config import Distribution
+    from orchestrator.spaces import Distribution
 
     table = Table(title=f"sweep {spec.name}: {spec.trial_count} trials"
                   + ("" if spec.search.algorithm == "grid" else f" ({spec.search.algorithm} samples)"))
@@ -311,7 +313,7 @@ def report(
     ] = False,
 ) -> None:
     """Print and save the study's table (Markdown and CSV) and log it to the sweep's MLflow run."""
-    from orchestrator.status import build_report
+    from orchestrator.report import build_report
     from orchestrator.study import STUDY_FILE, study_report
 
     if (sweep_dir / STUDY_FILE).exists():
@@ -342,7 +344,7 @@ def ui(
     uri = default_tracking_uri()
     experiment_id = None
     if sweep_dir is not None:
-        from orchestrator.sweep import SweepState
+        from orchestrator.state import SweepState
 
         state = SweepState.load(sweep_dir)
         uri, experiment_id = state.tracking_uri, state.experiment_id
@@ -362,7 +364,7 @@ def ui(
 @user_errors
 def sync(sweep_dir: Annotated[Path, typer.Argument(help="the sweep folder")]) -> None:
     """Send MLflow the records of a sweep that it does not hold yet (e.g. after the server was down)."""
-    from orchestrator.status import sync_journal
+    from orchestrator.mlflow_callback import sync_journal
 
     delivery = sync_journal(sweep_dir)
     console.print(f"sent {delivery.sent} MLflow records" + (f"; {delivery.left} still unsent" if delivery.left else ""))

@@ -12,106 +12,12 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from trainables.config import MIX_KEY, StrictModel, TrainingConfig, read_yaml, set_dotted
-
-DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint", "quniform")
-
-
-class Distribution(StrictModel):
-    """One searched value. Exactly one field is set; `grid` values are all tried."""
-
-    grid: list[Any] | None = None
-    choice: list[Any] | None = None
-    uniform: tuple[float, float] | None = None
-    loguniform: tuple[float, float] | None = None
-    randint: tuple[int, int] | None = None
-    quniform: tuple[float, float, float] | None = None
-
-    @model_validator(mode="after")
-    def _well_formed(self) -> Distribution:
-        kind = self.kind
-        value = getattr(self, kind)
-        if kind in ("grid", "choice") and not value:
-            raise ValueError(f"{kind} is empty: list at least one value")
-        if kind in ("uniform", "loguniform", "randint", "quniform") and not value[0] < value[1]:
-            raise ValueError(f"{kind} [{value[0]}, {value[1]}]: the lower bound must be below the upper")
-        if kind == "loguniform" and value[0] <= 0:
-            raise ValueError(f"loguniform [{value[0]}, {value[1]}]: bounds must be positive")
-        if kind == "quniform" and value[2] <= 0:
-            raise ValueError(f"quniform step {value[2]} must be positive")
-        return self
-
-    @property
-    def kind(self) -> str:
-        set_fields = [name for name in DISTRIBUTIONS if getattr(self, name) is not None]
-        if len(set_fields) != 1:
-            raise ValueError(f"give exactly one of {', '.join(DISTRIBUTIONS)}")
-        return set_fields[0]
-
-    @model_serializer
-    def _as_written(self) -> dict[str, Any]:
-        """Dump as the file wrote it (`{grid: [...]}`), so a saved spec loads back unchanged."""
-        return {self.kind: getattr(self, self.kind)}
-
-    def representatives(self) -> list[Any]:
-        """Values that stand for the whole distribution when checking configs before a sweep."""
-        value = getattr(self, self.kind)
-        if self.kind in ("grid", "choice"):
-            return list(value)
-        return [value[0], value[1]]
-
-
-def is_distribution(value: Any) -> bool:
-    return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in DISTRIBUTIONS
-
-
-class SearchConfig(StrictModel):
-    algorithm: Literal["grid", "random", "optuna"] = "grid"
-    num_samples: int = Field(default=1, ge=1, description="repeats of the grid, or samples to draw")
-    metric: str | list[str] = "score"
-    mode: Literal["max", "min"] | list[Literal["max", "min"]] = "max"
-    seed: int | None = None
-
-    @model_validator(mode="after")
-    def _objectives_agree(self) -> SearchConfig:
-        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-        modes = self.mode if isinstance(self.mode, list) else [self.mode]
-        if not metrics:
-            raise ValueError("search.metric is empty: name the metric to optimise, e.g. score")
-        if len(metrics) != len(modes):
-            raise ValueError(f"search.metric lists {len(metrics)} metrics but search.mode {len(modes)} modes")
-        if len(metrics) > 1 and self.algorithm != "optuna":
-            raise ValueError("several search.metric values (multi-objective) need search.algorithm optuna")
-        return self
-
-    @property
-    def multi_objective(self) -> bool:
-        return isinstance(self.metric, list) and len(self.metric) > 1
-
-
-class SchedulerConfig(StrictModel):
-    type: Literal["none", "asha", "median", "pbt"] = "none"
-    time_attr: str = Field(
-        default="prediction_step",
-        description="the counter max_t, grace_period and perturbation_interval are in: prediction_step is the "
-        "optimiser steps of the stage that trains the prediction layer (all steps of a one-stage trial)",
-    )
-    max_t: int = Field(default=100, ge=1)
-    grace_period: int = Field(default=1, ge=1)
-    reduction_factor: float = Field(default=2.0, gt=1.0)
-    perturbation_interval: int = Field(default=2, ge=1)
-    hyperparam_mutations: dict[str, Distribution] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _coherent(self) -> SchedulerConfig:
-        if self.type == "asha" and self.grace_period > self.max_t:
-            raise ValueError(f"scheduler.grace_period {self.grace_period} exceeds scheduler.max_t {self.max_t}")
-        if self.type == "pbt" and not self.hyperparam_mutations:
-            raise ValueError("scheduler pbt needs hyperparam_mutations (e.g. training.learning_rate)")
-        return self
-
+from orchestrator.metric_names import unknown_metric_message
+from orchestrator.search import SEARCHERS, SchedulerConfig, SearchConfig
+from orchestrator.spaces import DISTRIBUTIONS, MIX_KEY, Distribution, check_mixes, distribution_kinds, is_distribution
+from trainables.config import StrictModel, TrainingConfig, read_yaml, set_dotted
 
 class Resources(StrictModel):
     cpu: float = Field(default=1.0, gt=0)
@@ -236,6 +142,34 @@ class SweepSpec(StrictModel):
         return parsed
 
     @model_validator(mode="after")
+    def _metrics_trials_report(self) -> SweepSpec:
+        problem = unknown_metric_message(self.search, self.scheduler)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _one_metric_for_early_stopping(self) -> SweepSpec:
+        if self.search.multi_objective and self.scheduler.type != "none":
+            raise ValueError(
+                f"scheduler.type {self.scheduler.type}: early stopping needs one metric, but search.metric "
+                f"lists {self.search.metric}; use scheduler.type none for multi-objective search"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _search_fits_space(self) -> SweepSpec:
+        algorithm = self.search.algorithm
+        missing = sorted(distribution_kinds(self.space) - SEARCHERS[algorithm].draws)
+        if "grid" in missing:
+            raise ValueError(f"search.algorithm {algorithm} samples every entry: write `choice` instead of `grid` in space")
+        if missing:
+            able = [name for name, entry in SEARCHERS.items() if set(missing) <= entry.draws]
+            raise ValueError(f"search.algorithm {algorithm} tries {', '.join(sorted(SEARCHERS[algorithm].draws))} "
+                             f"entries only: use {' or '.join(able)} for {', '.join(missing)}")
+        return self
+
+    @model_validator(mode="after")
     def _keep_agrees_with_base(self) -> SweepSpec:
         training = self.base.get("training")
         exported = isinstance(training, dict) and training.get("load_best_model_at_end")
@@ -258,18 +192,6 @@ class SweepSpec(StrictModel):
         """Trials Tune will run: every grid point, `num_samples` times."""
         return self.grid_size * self.search.num_samples
 
-    def storage_root(self) -> str:
-        """Absolute local folder, or the URI unchanged."""
-        if "://" in self.storage:
-            return self.storage
-        return str(Path(self.storage).expanduser().resolve())
-
-
-def check_mixes(value: Any) -> None:
-    """Every objective mix must be a list of names: a bare `kd` would be read as the mix [k, d]."""
-    for mix in value.representatives() if isinstance(value, Distribution) else [value]:
-        if not isinstance(mix, list) or not all(isinstance(name, str) for name in mix):
-            raise ValueError(f"space.{MIX_KEY}: each mix is a list of objective names like [kd, att_kl], got {mix!r}")
 
 
 def first_message(err: Exception) -> str:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.outcome import ENDED_STATES
+from orchestrator.report import tune_trial_states
+from orchestrator.state import SweepState
 
 
 @dataclass
@@ -84,9 +86,5 @@ def describe(use: DiskUse) -> str:
 
 def sweep_disk_use(sweep_dir: Path) -> DiskUse:
     """The disk use of the sweep at `sweep_dir` (its storage must be a local or mounted folder)."""
-    from orchestrator.report import tune_trial_states
-    from orchestrator.status import experiment_dir
-    from orchestrator.sweep import SweepState
-
-    folder = experiment_dir(SweepState.load(sweep_dir))
+    folder = SweepState.load(sweep_dir).experiment_dir
     return disk_use(folder, tune_trial_states(folder))

@@ -19,3 +19,13 @@ def describe_error(err: BaseException) -> str:
             lines.append(f"{where}: {message}")
         return "\n  ".join(["invalid configuration:", *dict.fromkeys(lines)])
     return str(err)
+
+
+def first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def last_line(err: BaseException) -> str:
+    """The exception's own message: Ray wraps trial errors in their remote traceback."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__

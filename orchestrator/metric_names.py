@@ -3,7 +3,7 @@ before Ray starts rather than failing every trial (or silently never stopping on
 
 from __future__ import annotations
 
-from orchestrator.config import SweepSpec
+from orchestrator.search import SchedulerConfig, SearchConfig
 from trainables.metrics import METRICS
 from trainables.objectives import REGISTRY
 from trainables.training import LOOP_METRICS
@@ -19,16 +19,16 @@ def reported_metrics() -> set[str]:
             | {f"train_{t}" for t in terms} | {f"eval_{t}" for t in terms})
 
 
-def unknown_metric_message(spec: SweepSpec) -> str | None:
-    """Why the spec names a metric no trial reports, or None when every name is known."""
+def unknown_metric_message(search: SearchConfig, scheduler: SchedulerConfig) -> str | None:
+    """Why the settings name a metric no trial reports, or None when every name is known."""
     known = reported_metrics()
-    metrics = spec.search.metric if isinstance(spec.search.metric, list) else [spec.search.metric]
+    metrics = search.metric if isinstance(search.metric, list) else [search.metric]
     for name in metrics:
         if name not in known:
             return (f"search.metric {name!r} is not a metric trials report; use score (the task's main "
                     f"metric), eval_<metric> ({', '.join(sorted('eval_' + m for m in METRICS))}), eval_loss, "
                     "train_loss or train_<objective>")
-    if spec.scheduler.type != "none" and spec.scheduler.time_attr not in TIME_ATTRS:
-        return (f"scheduler.time_attr {spec.scheduler.time_attr!r} is not a counter trials report; "
+    if scheduler.type != "none" and scheduler.time_attr not in TIME_ATTRS:
+        return (f"scheduler.time_attr {scheduler.time_attr!r} is not a counter trials report; "
                 f"use one of {', '.join(sorted(TIME_ATTRS))}")
     return None

@@ -1,4 +1,5 @@
-"""Paper-style tables from a sweep: objective x initialisation, mean and std over seeds.
+"""Paper-style tables from a sweep: objective x initialisation, mean and std over seeds; `build_report`
+writes them beside the sweep and logs them to its MLflow parent run.
 
 Reads what the trials reported (Tune's per-trial `result.json`), so the numbers in the table are
 exactly the numbers the trials reported; MLflow receives the same tables as artifacts.
@@ -23,8 +24,9 @@ import pandas as pd
 from orchestrator.experiment_state import read_experiment_state
 from orchestrator.outcome import OUTCOME_FILE, TrialOutcome, trial_outcome
 from orchestrator.plots import heatmaps, learning_curves, safe_name
+from orchestrator.state import SweepState
 from orchestrator.tracking import flatten
-from trainables.config import TrialTemplate
+from orchestrator.trials import TrialTemplate
 
 # Keys that never make two trials different configurations: the seed is what a cell averages over,
 # paths are where a trial ran. Mix and init are the table's own rows and columns.
@@ -97,7 +99,7 @@ def read_trials(experiment_dir: Path, template: TrialTemplate) -> list[TrialReco
         scored = [r for r in rows if "score" in r]
         drawn = json.loads(params_file.read_text())
         try:
-            cfg = template.resolve(drawn)
+            cfg = template.run_config_of(drawn)
         except ValueError:
             continue  # a draw that is no valid config never trained; its trial failed with the reason
         last = max(rows, key=lambda r: r.get("step", 0)) if rows else None
@@ -316,3 +318,20 @@ def render_html(records: list[TrialRecord], value: str, include_stopped: bool, f
     style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}td,th{padding:4px 10px}img{max-width:100%}"
     return f"<!doctype html><meta charset='utf-8'><title>{html.escape(title.lstrip('# '))}</title>" \
            f"<style>{style}</style>\n" + "\n".join(parts) + "\n"
+
+
+def build_report(sweep_dir: Path, value: str, include_stopped: bool = False) -> tuple[Path, Path, str, bool]:
+    """Write the report next to the sweep and log it to the sweep's MLflow parent run."""
+    state = SweepState.load(sweep_dir)
+    records = read_trials(state.experiment_dir, state.template)
+    md_path, csv_path, markdown = write_report(records, Path(state.sweep_dir) / "report", value, include_stopped)
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(state.tracking_uri)
+        client.log_artifacts(state.parent_run_id, str(md_path.parent), "report")
+        logged = True
+    except Exception as err:  # the report on disk is the result; MLflow is a copy
+        print(f"[distillsweep] could not log the report to MLflow ({err})")
+        logged = False
+    return md_path, csv_path, markdown, logged

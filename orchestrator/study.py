@@ -16,11 +16,13 @@ from typing import Any
 import pandas as pd
 from pydantic import Field
 
-from orchestrator.config import Resources, SchedulerConfig, SearchConfig, SweepSpec, TrackingConfig
+from orchestrator.config import Resources, SweepSpec, TrackingConfig
 from orchestrator.messages import UserError
+from orchestrator.preflight import validate
 from orchestrator.report import markdown_table, read_trials
-from orchestrator.status import experiment_dir
-from orchestrator.sweep import STATE_FILE, SweepState, resume_sweep, start_sweep, sweep_dir, validate
+from orchestrator.search import SchedulerConfig, SearchConfig
+from orchestrator.state import STATE_FILE, SweepState, sweep_dir
+from orchestrator.sweep import resume_sweep, start_sweep
 from trainables.config import StrictModel, read_yaml, set_dotted
 
 STUDY_FILE = "study.json"
@@ -138,7 +140,7 @@ def study_report(study_dir: Path) -> tuple[Path, str]:
     spec = StudySpec.model_validate(study.spec)
     state = SweepState.load(sweep_dir(spec.stage("finetune", sorted(study.students))))
     rows = []
-    for record in read_trials(experiment_dir(state), state.template):
+    for record in read_trials(state.experiment_dir, state.template):
         if record.outcome.kind != "completed":
             continue  # a fine-tuning run cut short is no student's best score
         source = record.config.get("student.init", {}).get("pretrained")

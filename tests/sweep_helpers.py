@@ -13,7 +13,7 @@ import yaml
 from mlflow import MlflowClient
 
 from orchestrator.report import read_result_rows
-from orchestrator.tracker import TUNE_BOOKKEEPING
+from orchestrator.mlflow_callback import TUNE_BOOKKEEPING
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -136,21 +136,6 @@ def test_minilm_v2_relation_heads_must_divide_both_widths(student, relation_head
             check_against_teacher(cfg, teacher_layers=12, teacher_heads=12, teacher_width=768)
 
 
-def test_per_task_override_reaches_a_local_csv_task_by_its_name(tmp_path: Path) -> None:
-    from trainables.config import TrialTemplate
-
-    base = {
-        "teacher": "some/teacher",
-        "task": {"name": "tweets", "train_file": str(tmp_path / "train.csv"),
-                 "validation_file": str(tmp_path / "validation.csv")},
-        "training": {"learning_rate": 1e-4},
-    }
-    template = TrialTemplate(base, per_task={"tweets": {"training.learning_rate": 3e-5}}, teachers={"tweets": "t/dir"})
-    cfg = template.resolve({"training.seed": 2})
-    assert cfg.training.learning_rate == 3e-5 and cfg.training.seed == 2
-    assert cfg.teacher == "t/dir" and cfg.task_name == "tweets"
-
-
 def test_unknown_selection_metric_names_the_field_and_the_metrics() -> None:
     message = rejected({"training": {"metric_for_best_model": "acc"}})
     assert "training.metric_for_best_model" in message and "'matthews_correlation'" in message

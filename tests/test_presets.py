@@ -9,7 +9,8 @@ import pytest
 
 from orchestrator.config import load_sweep_spec
 from orchestrator.study import load_study_spec
-from orchestrator.sweep import teacher_requests, validate
+from orchestrator.preflight import validate
+from orchestrator.teachers import teacher_requests
 from trainables.tasks import resolve_task, selection_metric
 
 PRESETS = Path(__file__).parent.parent / "search_spaces"

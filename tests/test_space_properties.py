@@ -26,9 +26,11 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from orchestrator.config import DISTRIBUTIONS, Resources, SchedulerConfig, SearchConfig, SweepSpec, TrackingConfig
+from orchestrator.config import Resources, SweepSpec, TrackingConfig
 from orchestrator.metric_names import reported_metrics
-from trainables.config import MIX_KEY, FidelityConfig, RunConfig, StudentConfig, TrainingConfig
+from orchestrator.search import SchedulerConfig, SearchConfig
+from orchestrator.spaces import DISTRIBUTIONS, MIX_KEY
+from trainables.config import FidelityConfig, RunConfig, StudentConfig, TrainingConfig
 from trainables.objectives import REGISTRY
 from trainables.tasks import KNOWN_TASKS
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -96,6 +97,31 @@ def test_optuna_sweep_samples_objective_weights_and_logs_them(tiny_demo_teacher,
     for child in children:
         mix = child.data.params["objectives"]
         assert ("objectives.hidden_mse.weight" in child.data.params) == ("hidden_mse" in mix)
+
+
+def test_quasi_random_search_is_one_table_entry_and_runs_a_real_sweep(tiny_demo_teacher, demo_cache, tmp_path):
+    spec = tiny_space(
+        tiny_demo_teacher, tmp_path,
+        space={
+            "objectives.mix": {"choice": [["kd"], ["kd", "hidden_mse"]]},
+            "objectives.kd.weight": {"uniform": [0.1, 0.9]},
+            "training.learning_rate": {"loguniform": [1e-4, 1e-2]},
+        },
+        search={"algorithm": "qmc", "num_samples": 5, "seed": 0},
+        max_concurrent_trials=1,  # each trial sampled after the one before ended, as a sequence
+    )
+    done = distillsweep(["sweep", str(write_space(spec, tmp_path / "qmc.yaml"))], demo_cache, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _, children = sweep_runs(spec["tracking"]["uri"], "tests")
+    assert len(children) == 5 and all(c.info.status == "FINISHED" for c in children)
+    # Optuna's QMCSampler draws the first trial at random to learn the space, then the Sobol points.
+    first, *sobol = sorted(children, key=lambda c: c.info.start_time)
+    rates = [float(c.data.params["training.learning_rate"]) for c in sobol]
+    assert all(1e-4 <= r <= 1e-2 for r in rates)
+    # The first 4 points of a scrambled Sobol sequence put one in each quarter of every axis (here the
+    # log learning rate): evenly spread, where 4 independent draws leave a quarter empty 9 times in 10.
+    quarters = sorted(int((math.log10(r) + 4) / 2 * 4) for r in rates)
+    assert quarters == [0, 1, 2, 3], rates
 
 
 def test_two_stage_trials_are_judged_only_in_their_prediction_stage(tiny_demo_teacher, demo_cache, tmp_path):

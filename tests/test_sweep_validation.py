@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.config import load_sweep_spec
-from orchestrator.spaces import representative_assignments
+from orchestrator.preflight import representative_assignments
 
 runner = CliRunner()
 
@@ -175,7 +175,8 @@ def test_teacher_selection_metric_the_task_does_not_report_is_refused(tmp_path, 
 
 
 def test_each_task_teacher_gets_its_recipe_and_a_cache_folder_of_its_own(tmp_path, teacher_dir):
-    from orchestrator.sweep import teacher_requests, validate
+    from orchestrator.preflight import validate
+    from orchestrator.teachers import teacher_requests
     from trainables.teacher import teacher_dir as cached_teacher_dir
 
     def requests(per_task: dict) -> dict:

@@ -9,13 +9,15 @@ from typing import Any
 import pytest
 
 from sweep_helpers import ROOT, tiny_space
-from trainables.config import StudentConfig, TrialTemplate
+from orchestrator.trials import TrialTemplate
+from trainables.config import StudentConfig
 from trainables.models import build_student, live_models
+from trainables.tune_trainable import RUN_CONFIG
 
 pytestmark = pytest.mark.slow
 
 
-def probed_trial(config: dict[str, Any], template: TrialTemplate, probe: str) -> None:
+def probed_trial(config: dict[str, Any], probe: str) -> None:
     """`distillation_trial`, after writing down which models of earlier trials this process still holds."""
     import os
 
@@ -27,7 +29,7 @@ def probed_trial(config: dict[str, Any], template: TrialTemplate, probe: str) ->
     record = {"trial": tune.get_context().get_trial_id(), "pid": os.getpid(), "left": left}
     with open(probe, "a") as stream:
         stream.write(json.dumps(record) + "\n")
-    distillation_trial(config, template)
+    distillation_trial(config)
 
 
 def test_registry_sees_the_models_a_run_builds(tiny_bert):
@@ -52,8 +54,10 @@ def test_reused_worker_holds_no_model_of_completed_or_stopped_trials(tiny_demo_t
     }})
     try:
         tuner = tune.Tuner(
-            tune.with_parameters(probed_trial, template=template, probe=str(probe)),
-            param_space={"training.learning_rate": tune.grid_search([1e-3, 1e-12, 1e-3])},
+            tune.with_parameters(probed_trial, probe=str(probe)),
+            param_space={RUN_CONFIG: tune.grid_search([  # as the driver resolves them
+                template.with_run_config({"training.learning_rate": lr})[RUN_CONFIG] for lr in (1e-3, 1e-12, 1e-3)
+            ])},
             tune_config=tune.TuneConfig(
                 metric="score", mode="max", max_concurrent_trials=1, reuse_actors=True,
                 scheduler=ASHAScheduler(time_attr="prediction_step", max_t=100, grace_period=8, reduction_factor=2),

@@ -7,7 +7,6 @@ indices, head counts) live in `check_against_teacher`, which callers run before 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -444,85 +443,3 @@ def set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
         node = child
     node[leaf] = value
 
-
-MIX_KEY = "objectives.mix"
-
-
-def resolve_run_config(
-    base: dict[str, Any],
-    assignments: dict[str, Any],
-    per_task: dict[str, dict[str, Any]] | None = None,
-    config_class: type[RunConfig] | type[PretrainConfig] | None = None,
-) -> RunConfig | PretrainConfig:
-    """Build a trial's RunConfig from the sweep's base config and the values its trial drew.
-
-    `assignments` maps dotted RunConfig paths to values. Two keys are special, so that objective
-    mixes and their per-objective parameters can be searched:
-    `objectives.mix` lists objective names; `objectives.<name>.<param>` sets a parameter of that
-    objective and is ignored (it was not sampled) when `<name>` is not in the mix.
-    `per_task` holds dotted overrides applied last for the trial's task (the study's per-task
-    learning rates and batch sizes).
-    """
-    import copy
-
-    raw = copy.deepcopy(base)
-    objective_params: dict[str, dict[str, Any]] = {}
-    mix = assignments.get(MIX_KEY)
-    for key, value in assignments.items():
-        if key == MIX_KEY:
-            continue
-        parts = key.split(".")
-        if parts[0] == "objectives" and len(parts) == 3:
-            objective_params.setdefault(parts[1], {})[parts[2]] = value
-        else:
-            set_dotted(raw, key, value)
-    if mix is not None:
-        defaults = {o["name"]: o for o in raw.get("objectives", []) if isinstance(o, dict) and "name" in o}
-        raw["objectives"] = [{**defaults.get(name, {"name": name}), **objective_params.get(name, {})} for name in mix]
-    elif objective_params:
-        for entry in raw.get("objectives", []):
-            entry.update(objective_params.get(entry.get("name"), {}))
-    for key, value in (per_task or {}).get(raw_task_name(raw), {}).items():
-        set_dotted(raw, key, value)
-    return (config_class or RunConfig).model_validate(raw)
-
-
-def raw_task_name(raw: dict[str, Any]) -> str:
-    """The task name of a config not validated yet; "" where the task is malformed, which the
-    config's own validation then reports with the field named."""
-    try:
-        return task_name_of(raw.get("task", RunConfig.model_fields["task"].default))
-    except ValueError:
-        return ""
-
-
-@dataclass(frozen=True)
-class TrialTemplate:
-    """Everything a sweep fixes for its trials; `resolve` turns one trial's draw into a RunConfig.
-
-    teachers: task name -> teacher directory (fine-tuned per task before the sweep).
-    choices: space key -> {label: value}, for categorical values Optuna suggested by label.
-    """
-
-    base: dict[str, Any]
-    per_task: dict[str, dict[str, Any]] = field(default_factory=dict)
-    teachers: dict[str, str] = field(default_factory=dict)
-    choices: dict[str, dict[str, Any]] = field(default_factory=dict)
-    kind: Literal["distill", "pretrain"] = "distill"
-
-    def decode(self, trial_config: dict[str, Any]) -> dict[str, Any]:
-        """Drop parameters that were not sampled (None) and map Optuna labels back to values."""
-        decoded = {}
-        for key, value in trial_config.items():
-            if key in self.choices and isinstance(value, str):
-                value = self.choices[key].get(value, value)
-            if value is not None:
-                decoded[key] = value
-        return decoded
-
-    def resolve(self, trial_config: dict[str, Any]) -> RunConfig | PretrainConfig:
-        config_class = PretrainConfig if self.kind == "pretrain" else RunConfig
-        cfg = resolve_run_config(self.base, self.decode(trial_config), self.per_task, config_class)
-        if cfg.task_name in self.teachers:
-            cfg = cfg.model_copy(update={"teacher": self.teachers[cfg.task_name]})
-        return cfg

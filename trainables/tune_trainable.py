@@ -1,7 +1,9 @@
-"""Ray Tune glue: a trial's config -> `RunConfig` -> `distill`, reporting every evaluation.
+"""Ray Tune glue: a trial's resolved `RunConfig` -> `distill` (or `pretrain`), reporting every evaluation.
 
-The only module of `trainables` that imports Ray. Trials run in their own working directory,
-so every path handed to the run is absolute; the run's own output goes to a scratch folder. After a failure or a scheduler pause Tune hands the
+The only module of `trainables` that imports Ray. The driver resolves each trial's RunConfig and
+puts it, as JSON, in the trial's config under `RUN_CONFIG`; this module knows nothing of sweeps.
+Trials run in their own working directory, so every path handed to the run is absolute; the
+run's own output goes to a scratch folder. After a failure or a scheduler pause Tune hands the
 last checkpoint back through `tune.get_checkpoint()` and the run resumes from it exactly.
 Checkpoints live in Tune's storage only: the trial's own copies are deleted once Tune has them,
 and a trial leaves its worker with nothing of its models, ready for the next trial.
@@ -20,27 +22,36 @@ from typing import Any
 import torch
 from ray import tune
 
-from trainables.config import TrialTemplate
+from trainables.config import PretrainConfig, RunConfig
 from trainables.launch import run_data_parallel
 from trainables.models import live_models
 from trainables.pretrain import pretrain
 from trainables.run import distill
 from trainables.training import BEST_STUDENT, NonFiniteLossError
 
+RUN_CONFIG = "run_config"  # where a trial's config holds its resolved RunConfig, as JSON
+RUNS = {"distill": (RunConfig, distill), "pretrain": (PretrainConfig, pretrain)}
 DIVERGED_MARKER = "diverged.txt"
 RESTORED_CHECKPOINT = "restored_checkpoint"
 
 log = logging.getLogger(__name__)
 
 
-def distillation_trial(config: dict[str, Any], template: TrialTemplate, cpus_per_trial: int = 1) -> None:
-    """One Tune trial: one distillation run (task-specific or pre-training), data-parallel if asked."""
+def distillation_trial(config: dict[str, Any], kind: str = "distill", cpus_per_trial: int = 1) -> None:
+    """One Tune trial: one distillation run (task-specific or pre-training), data-parallel if asked.
+
+    `config[RUN_CONFIG]` is the resolved RunConfig, or why the trial's draw is no valid config.
+    """
+    resolved = config[RUN_CONFIG]
+    if isinstance(resolved, str):
+        raise ValueError(resolved)
+    config_class, run = RUNS[kind]
     torch.set_num_threads(max(1, cpus_per_trial))
     trial_dir = Path(tune.get_context().get_trial_dir()).resolve()
     # The run writes outside the trial folder: on the driver's node that folder can be Tune's staging
     # folder, which the driver copies to storage as it is, checkpoints and all, and never prunes.
     scratch = Path(tempfile.gettempdir()) / "distillsweep-trials" / trial_dir.name
-    cfg = template.resolve(config).model_copy(update={"output_dir": scratch / "run"})
+    cfg = config_class.model_validate(resolved).model_copy(update={"output_dir": scratch / "run"})
     restored = scratch / RESTORED_CHECKPOINT
 
     resume_from = None
@@ -66,7 +77,6 @@ def distillation_trial(config: dict[str, Any], template: TrialTemplate, cpus_per
     if diverged.exists():
         # Tune retries failed trials; a diverged run would only diverge again from its checkpoint.
         raise NonFiniteLossError(diverged.read_text())
-    run = pretrain if template.kind == "pretrain" else distill
     stop: SystemExit | None = None
     try:
         if cfg.training.num_processes > 1:

@@ -1,4 +1,5 @@
-"""The Tune callback that records a sweep in MLflow: one parent run, one child run per trial.
+"""The Tune callback that records a sweep in MLflow (one parent run, one child run per trial), and
+the catch-up with Tune's files that `resume` and `distillsweep sync` run.
 
 It runs in the driver, so trials need no MLflow access. Every write goes to the sweep's journal
 on disk first and reaches MLflow from a background thread, so a tracking server that is slow or
@@ -16,11 +17,13 @@ from typing import Any
 
 from ray.tune import Callback
 
-from orchestrator.journal import Journal, open_journal
+from orchestrator.journal import Delivery, Journal, open_journal
 from orchestrator.outcome import ENDED_STATES, OUTCOME_FILE, TrialOutcome, trial_outcome
 from orchestrator.report import read_outcome, read_result_rows, tune_trial_states
+from orchestrator.state import SweepState
 from orchestrator.tracking import numeric_metrics, run_params, run_tags
-from trainables.config import TrialTemplate
+from orchestrator.trials import TrialTemplate
+from trainables.tune_trainable import RUN_CONFIG
 
 FINISH_WAIT_S = 30.0
 
@@ -81,13 +84,15 @@ class SweepTracker(Callback):
 
     def _open(self, trial: Any) -> None:
         key = self.key(trial)
-        config = self.template.decode(trial.config)
         try:
-            cfg = self.template.resolve(trial.config)
+            cfg = self.template.run_config_of(trial.config)
             params, tags = run_params(cfg), run_tags(cfg)
             name = f"{cfg.objective_mix}|{cfg.student.init_name}|{tags['task']}|{trial.trial_id}"
-        except Exception:  # the trial itself will fail with the validation message
-            params, tags, name = {k: str(v) for k, v in config.items()}, {}, trial.trial_id
+            resolved = cfg.model_dump(mode="json")
+        except ValueError:  # the trial itself fails with the reason; its draw is recorded as drawn
+            drawn = self.template.decode(trial.config)
+            params, tags, name = {k: str(v) for k, v in drawn.items()}, {}, trial.trial_id
+            resolved = {"base": self.template.base, "assignments": drawn, "invalid": trial.config.get(RUN_CONFIG)}
         tags |= {
             "mlflow.parentRunId": self.parent_run_id,
             "distillsweep_key": key,
@@ -98,7 +103,8 @@ class SweepTracker(Callback):
         self.journal.append({"op": "create", "key": key, "parent": self.parent_run_id, "tags": tags, "name": name})
         self.journal.append({"op": "params", "key": key, "params": params})
         self.journal.append({"op": "tags", "key": key, "tags": {"trial_state": "RUNNING"}})
-        self.journal.append({"op": "text", "key": key, "file": "run_config.json", "text": self._resolved_json(trial.config)})
+        self.journal.append({"op": "text", "key": key, "file": "run_config.json",
+                             "text": json.dumps(resolved, indent=2, default=str)})
 
     def _log_student(self, trial: Any) -> None:
         """Copy the student out of the trial's final checkpoint (wherever storage is) and log it,
@@ -124,13 +130,6 @@ class SweepTracker(Callback):
         self.journal.append({"op": "tags", "key": key, "tags": outcome_tags(state, outcome)})
         self.journal.append({"op": "end", "key": key, "status": outcome.mlflow_status})
         write_outcome(trial, outcome)
-
-    def _resolved_json(self, trial_config: dict[str, Any]) -> str:
-        try:
-            resolved = self.template.resolve(trial_config).model_dump(mode="json")
-        except Exception:  # invalid draws are recorded as drawn; the trial fails with the reason
-            resolved = {"base": self.template.base, "assignments": self.template.decode(trial_config)}
-        return json.dumps(resolved, indent=2, default=str)
 
     def finish(self) -> int:
         """Give the journal a while to reach MLflow; what is left stays on disk for `distillsweep sync`."""
@@ -179,6 +178,19 @@ def reconcile_with_tune(journal: Journal, experiment_dir: Path, sweep_name: str)
             journal.append({"op": "end", "key": key, "status": outcome.mlflow_status})
             added += 2
     return added
+
+
+def sync_journal(sweep_dir: Path) -> Delivery:
+    """Send MLflow what the sweep's journal (and Tune's files) hold and MLflow lacks, checking each
+    run first so nothing is logged twice; the parent run ends here if its sweep had ended."""
+    state = SweepState.load(sweep_dir)
+    journal = Journal(Path(state.sweep_dir), state.tracking_uri, state.experiment_id, {"sweep": state.parent_run_id})
+    try:
+        if not state.storage.is_remote:
+            reconcile_with_tune(journal, state.experiment_dir, state.sweep_spec.name)
+        return journal.deliver_all()
+    finally:
+        journal.close()
 
 
 def outcome_tags(state: str, outcome: TrialOutcome) -> dict[str, str]:

@@ -1,0 +1,125 @@
+"""The teachers of a sweep: where each trial's teacher comes from, its shape before any weights
+load, and fine-tuning one teacher per task as Ray tasks before trials start.
+
+`teacher: demo` in a run config or space file stands for the MiniLM teacher fine-tuned on the
+demo task; it is trained on first use and reused afterwards (the teacher cache keys on the
+whole request).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig
+
+from orchestrator.config import SweepSpec
+from orchestrator.messages import first_line
+from trainables.config import RunConfig, TrainingConfig, task_name_of
+from trainables.demo import demo_teacher_base
+from trainables.models import resolve_model_source
+from trainables.teacher import TeacherRequest, finetune_teacher
+
+DEMO_TEACHER = "demo"
+DEMO_TEACHER_TRAINING = TrainingConfig(
+    learning_rate=1e-4,
+    num_train_epochs=2.0,
+    per_device_train_batch_size=32,
+    max_seq_length=64,
+    eval_steps=25,
+    warmup_ratio=0.1,
+    seed=0,
+)
+
+# (layers, heads, width) of the hub teachers the study uses, for checking spaces where the hub is out of reach.
+KNOWN_TEACHERS = {
+    "roberta-base": (12, 12, 768), "FacebookAI/roberta-base": (12, 12, 768),
+    "roberta-large": (24, 16, 1024), "FacebookAI/roberta-large": (24, 16, 1024),
+    "bert-base-uncased": (12, 12, 768), "google-bert/bert-base-uncased": (12, 12, 768),
+    "bert-large-uncased": (24, 16, 1024), "google-bert/bert-large-uncased": (24, 16, 1024),
+}
+
+
+def demo_teacher(on_step: Any = None) -> Path:
+    """The MiniLM-L6 teacher fine-tuned on the demo task (trained once, then reused)."""
+    request = TeacherRequest(base_model=str(demo_teacher_base()), task="demo", training=DEMO_TEACHER_TRAINING)
+    path, reused = finetune_teacher(request, on_step=on_step)
+    print(f"[distillsweep] demo teacher {'reused' if reused else 'fine-tuned'}: {path}")
+    return path
+
+
+def resolve_demo_teacher(raw: dict[str, Any]) -> dict[str, Any]:
+    """Replace `teacher: demo` by the fine-tuned demo teacher's directory."""
+    if raw.get("teacher") == DEMO_TEACHER:
+        return {**raw, "teacher": str(demo_teacher())}
+    return raw
+
+
+def teacher_source(spec: SweepSpec, cfg: RunConfig) -> str:
+    """Where a trial's teacher architecture can be read before any teacher is fine-tuned."""
+    if cfg.task_name in spec.teachers:
+        return spec.teachers[cfg.task_name]
+    if spec.teacher_finetune is not None:
+        return spec.teacher_finetune.for_task(cfg.task_name).base_model
+    if cfg.teacher == DEMO_TEACHER:
+        return str(demo_teacher_base())
+    return cfg.teacher
+
+
+def teacher_shape(source: str) -> tuple[int, int, int]:
+    """(layers, heads, width) of a teacher from its config alone, without loading weights."""
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_source(source))
+    except OSError as err:
+        if source in KNOWN_TEACHERS:
+            return KNOWN_TEACHERS[source]
+        raise ValueError(f"teacher {source!r}: cannot read its config ({first_line(err)})") from None
+    return config.num_hidden_layers, config.num_attention_heads, config.hidden_size
+
+
+def teacher_requests(spec: SweepSpec, configs: list[RunConfig]) -> dict[str, TeacherRequest]:
+    """task name -> TeacherRequest with that task's recipe, for each task without a given teacher."""
+    if spec.teacher_finetune is None:
+        return {}
+    tasks: dict[str, Any] = {}
+    for cfg in configs:
+        tasks.setdefault(cfg.task_name, cfg.task)
+    requests = {}
+    for task in tasks.values():
+        name = task_name_of(task)
+        if name in spec.teachers:
+            continue
+        recipe = spec.teacher_finetune.for_task(name)
+        fields: dict[str, Any] = {"base_model": recipe.base_model, "task": task, "training": recipe.training}
+        if recipe.output_root is not None:
+            fields["output_root"] = recipe.output_root
+        requests[name] = TeacherRequest(**fields)
+    return requests
+
+
+def prepare_teachers(spec: SweepSpec, configs: list[RunConfig]) -> dict[str, str]:
+    """Fine-tune (or reuse) one teacher per task when the spec asks; `teachers` entries win.
+
+    Each fine-tuning is a Ray task with a trial's resources, so on a cluster they run on GPU
+    workers in parallel; the output root must be a folder every node can read.
+    """
+    teachers = dict(spec.teachers)
+    if spec.teacher_finetune is None:
+        return teachers
+    import ray
+
+    remote = ray.remote(finetune_teacher_task).options(
+        num_cpus=spec.resources.cpu, num_gpus=math.ceil(spec.resources.gpu), max_retries=spec.max_failures
+    )
+    futures = {name: remote.remote(request) for name, request in teacher_requests(spec, configs).items()}
+    for name, future in futures.items():
+        path, reused = ray.get(future)
+        print(f"[distillsweep] teacher for {name}: {path} ({'reused' if reused else 'fine-tuned'})")
+        teachers[name] = str(path)
+    return teachers
+
+
+def finetune_teacher_task(request: TeacherRequest) -> tuple[str, bool]:
+    path, reused = finetune_teacher(request)
+    return str(path), reused
