@@ -175,6 +175,12 @@ def load_task_arg(task: str) -> Any:
     return task
 
 
+AddressOption = Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")]
+VerboseOption = Annotated[bool, typer.Option(
+    "--verbose", help="Ray's trial tables and the trials' own output on the console (else in SWEEP_DIR/ray.log "
+    "and Ray's session logs)")]
+
+
 @app.command()
 @user_errors
 def demo(
@@ -182,19 +188,17 @@ def demo(
         "distillsweep-demo"
     ),
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local Ray)")] = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """The offline demo: fine-tune the MiniLM teacher on real tweets once, then run the quickstart sweep."""
     from orchestrator.demo import run_demo
 
-    folder = run_demo(workdir.resolve(), address)
+    folder = run_demo(workdir.resolve(), address, verbose)
     Console().print((folder / "report" / "report.md").read_text())
     console.print(
         f"sweep folder: {folder}\n  distillsweep status {folder}\n  distillsweep ui {folder}   "
         "# MLflow UI on http://127.0.0.1:5000"
     )
-
-
-AddressOption = Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")]
 
 
 @app.command()
@@ -204,6 +208,7 @@ def sweep(
     address: AddressOption = None,
     set_: SetOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and print the trials; start nothing")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Run a sweep: every trial of the space file, scheduled by Ray Tune, recorded in MLflow."""
     from orchestrator.config import load_sweep_spec
@@ -215,7 +220,7 @@ def sweep(
         configs = validate(spec)
         print_space(spec, len(configs))
         return
-    state = start_sweep(spec, address)
+    state = start_sweep(spec, address, verbose)
     console.print(f"sweep finished: {state.sweep_dir}")
     console.print(f"  distillsweep status {state.sweep_dir}\n  distillsweep report {state.sweep_dir}")
 
@@ -244,11 +249,12 @@ def resume(
     sweep_dir: Annotated[Path, typer.Argument(help="the sweep folder printed by `sweep`")],
     address: AddressOption = None,
     retry_errored: Annotated[bool, typer.Option(help="also rerun failed trials from their checkpoints")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Continue an interrupted sweep; finished trials are kept, not rerun."""
     from orchestrator.sweep import resume_sweep
 
-    state = resume_sweep(sweep_dir, address, retry_errored)
+    state = resume_sweep(sweep_dir, address, retry_errored, verbose)
     console.print(f"sweep finished: {state.sweep_dir}")
 
 

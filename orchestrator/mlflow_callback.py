@@ -87,7 +87,7 @@ class SweepTracker(Callback):
         try:
             cfg = self.template.run_config_of(trial.config)
             params, tags = run_params(cfg), run_tags(cfg)
-            name = f"{cfg.objective_mix}|{cfg.student.init_name}|{tags['task']}|{trial.trial_id}"
+            name = run_name(cfg, trial.trial_id)
             resolved = cfg.model_dump(mode="json")
         except ValueError:  # the trial itself fails with the reason; its draw is recorded as drawn
             drawn = self.template.decode(trial.config)
@@ -143,6 +143,11 @@ class SweepTracker(Callback):
                 f"in the sweep's journal. When the server answers, run: distillsweep sync {self.journal_dir}"
             )
         return left
+
+
+def run_name(cfg: Any, trial_id: str) -> str:
+    """A trial's MLflow run name: what it distils and from where, then Tune's id."""
+    return f"{cfg.objective_mix}|{cfg.student.init_name}|{cfg.task_name}|{trial_id}"
 
 
 def trial_key(sweep_name: str, trial_id: str) -> str:

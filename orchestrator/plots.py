@@ -131,3 +131,29 @@ def save(fig: Any, path: Path, tight: bool = True) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def optuna_figures(study: Any, out_dir: Path) -> list[Path]:
+    """For a sweep Optuna searched: which settings mattered (fANOVA importances of the first
+    objective) and, with two objectives, the Pareto front. Needs two or more completed trials."""
+    import warnings
+
+    import optuna
+    from optuna.visualization import matplotlib as optuna_plots
+
+    completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    varied = {name for trial in completed for name in trial.params}
+    if len(completed) < 2 or not varied:
+        return []
+    paths = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        multi = len(study.directions) > 1
+        target = {"target": lambda t: t.values[0], "target_name": study.metric_names[0] if study.metric_names
+                  else "objective 0"} if multi else {}
+        ax = optuna_plots.plot_param_importances(study, **target)
+        paths.append(save(ax.figure, out_dir / "optuna-importances.svg"))
+        if multi and len(study.directions) == 2:
+            ax = optuna_plots.plot_pareto_front(study)
+            paths.append(save(ax.figure, out_dir / "optuna-pareto.svg"))
+    return paths

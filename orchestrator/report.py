@@ -23,8 +23,8 @@ import pandas as pd
 
 from orchestrator.experiment_state import read_experiment_state
 from orchestrator.outcome import OUTCOME_FILE, TrialOutcome, trial_outcome
-from orchestrator.plots import heatmaps, learning_curves, safe_name
-from orchestrator.state import SweepState
+from orchestrator.plots import heatmaps, learning_curves, optuna_figures, safe_name
+from orchestrator.state import OPTUNA_DB, SweepState
 from orchestrator.tracking import flatten
 from orchestrator.trials import TrialTemplate
 
@@ -278,7 +278,7 @@ def render_markdown(records: list[TrialRecord], value: str, include_stopped: boo
 
 
 def write_report(records: list[TrialRecord], out_dir: Path, value: str = "best_score",
-                 include_stopped: bool = False) -> tuple[Path, Path, str]:
+                 include_stopped: bool = False, search_figures: tuple[Path, ...] = ()) -> tuple[Path, Path, str]:
     """Save report.md, report.csv (one row per cell), trials.csv, the figures and report.html (all
     on one page); return the Markdown's and the CSV's paths and the Markdown."""
     if not records:
@@ -297,11 +297,12 @@ def write_report(records: list[TrialRecord], out_dir: Path, value: str = "best_s
     ]).to_csv(out_dir / "trials.csv", index=False)
     figures = heatmaps(cells(records, value, include_stopped=False), out_dir, value)
     figures += learning_curves(records, row_labels(records), out_dir)
-    (out_dir / "report.html").write_text(render_html(records, value, include_stopped, figures))
+    (out_dir / "report.html").write_text(render_html(records, value, include_stopped, figures, search_figures))
     return md_path, csv_path, markdown
 
 
-def render_html(records: list[TrialRecord], value: str, include_stopped: bool, figures: list[Path]) -> str:
+def render_html(records: list[TrialRecord], value: str, include_stopped: bool, figures: list[Path],
+                search_figures: tuple[Path, ...] = ()) -> str:
     """Tables and figures on one page, per task; the Markdown report's text around them."""
     intro, *_ = render_markdown(records, value, include_stopped).split("\n## ", 1)
     title, _, explanation = intro.partition("\n")
@@ -310,6 +311,8 @@ def render_html(records: list[TrialRecord], value: str, include_stopped: bool, f
         parts += [f"<h2>{html.escape(task)}</h2>", shown.to_html(border=0)]
         parts += [f'<img src="{path.name}" alt="{path.stem}">' for path in figures
                   if path.stem.endswith(f"-{safe_name(task)}")]
+    if search_figures:
+        parts += ["<h2>Optuna's study</h2>", *(f'<img src="{path.name}" alt="{path.stem}">' for path in search_figures)]
     others = left_out(records, value)
     if others:
         parts += ["<h2>Trials that did not complete</h2>", "<ul>"]
@@ -324,7 +327,8 @@ def build_report(sweep_dir: Path, value: str, include_stopped: bool = False) -> 
     """Write the report next to the sweep and log it to the sweep's MLflow parent run."""
     state = SweepState.load(sweep_dir)
     records = read_trials(state.experiment_dir, state.template)
-    md_path, csv_path, markdown = write_report(records, Path(state.sweep_dir) / "report", value, include_stopped)
+    out_dir = Path(state.sweep_dir) / "report"
+    md_path, csv_path, markdown = write_report(records, out_dir, value, include_stopped, study_figures(state, out_dir))
     try:
         from mlflow import MlflowClient
 
@@ -335,3 +339,14 @@ def build_report(sweep_dir: Path, value: str, include_stopped: bool = False) -> 
         print(f"[distillsweep] could not log the report to MLflow ({err})")
         logged = False
     return md_path, csv_path, markdown, logged
+
+
+def study_figures(state: SweepState, out_dir: Path) -> tuple[Path, ...]:
+    """Importances (and a Pareto front) from the sweep's Optuna study, where Optuna searched."""
+    if not (Path(state.sweep_dir) / OPTUNA_DB).exists():
+        return ()
+    import optuna
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study = optuna.load_study(study_name=state.sweep_spec.name, storage=state.optuna_url)
+    return tuple(optuna_figures(study, out_dir))

@@ -58,11 +58,15 @@ class Searcher:
         """Tune's param_space: the space itself for the variant generator, none for Optuna's searcher."""
         return tune_param_space(space) if self.sampler is None else None
 
-    def search_algorithm(self, search: SearchConfig, space: dict[str, Any]) -> Any:
+    def search_algorithm(self, search: SearchConfig, space: dict[str, Any], study: tuple[str, str]) -> Any:
+        """`study`: (name, RDB URL) of the Optuna study the trials are told to, kept for
+        `optuna-dashboard` and the report; a resumed sweep continues it."""
         if self.sampler is None:
             return None
+        name, url = study
         return PredictionStageOptunaSearch(space=OptunaSpace(space), metric=search.metric, mode=search.mode,
-                                           sampler=self.sampler(search))
+                                           sampler=self.sampler(search), study_name=name,
+                                           storage=optuna.storages.RDBStorage(url))
 
 
 def tpe_or_nsga2(search: SearchConfig) -> Any:

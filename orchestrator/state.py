@@ -19,6 +19,7 @@ from orchestrator.tracking import default_tracking_uri
 from orchestrator.trials import TrialTemplate, labelled_choices
 
 STATE_FILE = "distillsweep.json"
+OPTUNA_DB = "optuna.db"
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,11 @@ class SweepState:
     @cached_property
     def storage(self) -> Storage:
         return Storage.of(self.sweep_spec.storage)
+
+    @property
+    def optuna_url(self) -> str:
+        """The sweep's Optuna study (Optuna searchers only): `optuna-dashboard <this URL>` opens it."""
+        return f"sqlite:///{Path(self.sweep_dir) / OPTUNA_DB}"
 
     @property
     def experiment_dir(self) -> Path:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import SweepSpec
+from orchestrator.console import RAY_LOG, SweepProgress, TableLog
 from orchestrator.experiment_state import StateKeeper, repair
 from orchestrator.messages import UserError, first_line, last_line
 from orchestrator.mlflow_callback import SweepTracker, reconcile_with_tune
@@ -25,7 +26,7 @@ from trainables.tune_trainable import distillation_trial
 FORWARDED_ENV = ("HF_", "DISTILLSWEEP_", "MLFLOW_", "AWS_", "GOOGLE_", "AZURE_")
 
 
-def init_ray(address: str | None, spec: SweepSpec, tracking_uri: str) -> None:
+def init_ray(address: str | None, spec: SweepSpec, tracking_uri: str, verbose: bool = True) -> None:
     import ray
 
     if ray.is_initialized():
@@ -41,14 +42,14 @@ def init_ray(address: str | None, spec: SweepSpec, tracking_uri: str) -> None:
     if address:
         if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").exists():
             os.environ["RAY_AUTH_MODE"] = "token"  # a cluster started here by `ray start` wants the token
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=verbose)
     else:
         # A private instance: Ray would otherwise join any cluster `ray start` left on this machine
         # (`--address auto` asks for that).
-        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env})
+        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=verbose)
 
 
-def start_sweep(spec: SweepSpec, address: str | None = None) -> SweepState:
+def start_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False) -> SweepState:
     """Validate, prepare teachers, open the MLflow parent run, run every trial."""
     from mlflow import MlflowClient
 
@@ -66,7 +67,7 @@ def start_sweep(spec: SweepSpec, address: str | None = None) -> SweepState:
             f"MLflow tracking store {uri} does not answer ({first_line(err)}): start the server or set tracking.uri"
         ) from None
     spec = spec.model_copy(update={"base": resolve_demo_teacher(spec.trial_base())})
-    init_ray(address, spec, uri)
+    init_ray(address, spec, uri, verbose)
     teachers = prepare_teachers(spec, configs)
     parent = client.create_run(
         experiment_id,
@@ -85,7 +86,7 @@ def start_sweep(spec: SweepSpec, address: str | None = None) -> SweepState:
         base=spec.base,
     )
     state.save()
-    run_tuner(state, address, restore=False)
+    run_tuner(state, address, restore=False, verbose=verbose)
     return state
 
 
@@ -105,10 +106,11 @@ def sweep_params(spec: SweepSpec, checked: int) -> list[Any]:
     return [Param(k, str(v)) for k, v in values.items()]
 
 
-def resume_sweep(folder: Path, address: str | None = None, retry_errored: bool = False) -> SweepState:
+def resume_sweep(folder: Path, address: str | None = None, retry_errored: bool = False,
+                 verbose: bool = False) -> SweepState:
     """Continue an interrupted sweep: finished trials stay, unfinished ones resume from checkpoints."""
     state = SweepState.load(folder)
-    run_tuner(state, address, restore=True, retry_errored=retry_errored)
+    run_tuner(state, address, restore=True, retry_errored=retry_errored, verbose=verbose)
     return state
 
 
@@ -120,7 +122,7 @@ def trainable_for(state: SweepState) -> Any:
     return tune.with_resources(trainable, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
 
-def run_config_for(state: SweepState, tracker: SweepTracker) -> Any:
+def run_config_for(state: SweepState, tracker: SweepTracker, verbose: bool) -> Any:
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
@@ -139,18 +141,23 @@ def run_config_for(state: SweepState, tracker: SweepTracker) -> Any:
         # result.json first: a driver killed between the two leaves a row that `resume` journals from
         # result.json, so MLflow holds each step as Tune first recorded it. The pruner after the
         # tracker, which may copy the student out of the final checkpoint.
-        callbacks=[JsonLoggerCallback(), tracker, CheckpointRetention(spec.keep), *keeper],
+        callbacks=[JsonLoggerCallback(), tracker, CheckpointRetention(spec.keep), *keeper,
+                   SweepProgress(spec.trial_count, state.template)],
         verbose=1,
+        progress_reporter=None if verbose else TableLog(str(Path(state.sweep_dir) / RAY_LOG)),
     )
 
 
-def run_tuner(state: SweepState, address: str | None, restore: bool, retry_errored: bool = False) -> Any:
+def run_tuner(state: SweepState, address: str | None, restore: bool, retry_errored: bool = False,
+              verbose: bool = False) -> Any:
     from ray import tune
 
     spec = state.sweep_spec
     searcher = SEARCHERS[spec.search.algorithm]
     os.environ[STRICT_METRIC_CHECK] = "1"  # metric names were checked before launch (metric_names)
-    init_ray(address, spec, state.tracking_uri)
+    if not verbose:  # Tune's legacy output engine is the one that takes a reporter: TableLog, to ray.log
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    init_ray(address, spec, state.tracking_uri, verbose)
     tracker = SweepTracker(state.tracking_uri, state.experiment_id, state.parent_run_id, spec.name,
                            state.template, Path(state.sweep_dir),
                            students_dir=Path(state.sweep_dir) / "students" if spec.log_students else None)
@@ -177,13 +184,13 @@ def run_tuner(state: SweepState, address: str | None, restore: bool, retry_error
             tune_config=tune.TuneConfig(
                 metric=None if spec.search.multi_objective else spec.search.metric,
                 mode=None if spec.search.multi_objective else spec.search.mode,
-                search_alg=searcher.search_algorithm(spec.search, spec.space),
+                search_alg=searcher.search_algorithm(spec.search, spec.space, (spec.name, state.optuna_url)),
                 scheduler=SCHEDULERS[spec.scheduler.type](spec.scheduler, state.template),
                 num_samples=spec.search.num_samples,
                 max_concurrent_trials=spec.max_concurrent_trials,
                 reuse_actors=spec.reuse_actors,
             ),
-            run_config=run_config_for(state, tracker),
+            run_config=run_config_for(state, tracker, verbose),
         )
     try:
         results = tuner.fit()

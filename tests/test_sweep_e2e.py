@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
@@ -44,6 +45,13 @@ def test_quickstart_preset_runs_from_cli_with_asha_and_mlflow(demo_cache, tmp_pa
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = trial_results(tmp_path / "sweeps" / "quickstart")
     assert len(results) == 6
+    # The console: one line per ended trial (and a few of Ray's and MLflow's), not Tune's tables,
+    # which go to the sweep's ray.log.
+    console = (done.stdout + done.stderr).splitlines()
+    progress = [line for line in console if line.startswith("trials ")]
+    assert len(console) < 40 and len(progress) == 6 and progress[-1].startswith("trials 6/6 done"), console
+    assert "best score" in progress[-1] and "| 0 running" in progress[-1], progress[-1]
+    assert "Trial name" in (tmp_path / "sweeps" / "quickstart" / "ray.log").read_text()
     steps = {trial: rows[-1]["step"] for trial, rows in results.items()}
     assert max(steps.values()) == 60
     assert min(steps.values()) < 60, f"ASHA stopped no trial early: {steps}"
@@ -97,6 +105,16 @@ def test_optuna_sweep_samples_objective_weights_and_logs_them(tiny_demo_teacher,
     for child in children:
         mix = child.data.params["objectives"]
         assert ("objectives.hidden_mse.weight" in child.data.params) == ("hidden_mse" in mix)
+
+    folder = tmp_path / "sweeps" / "tiny"  # Optuna's study is kept, for optuna-dashboard and the report
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{folder / 'optuna.db'}")
+    assert sorted(t.params["objectives.kd.weight"] for t in study.trials) == pytest.approx(sorted(weights))
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) >= 2
+    report = distillsweep(["report", str(folder)], demo_cache, tmp_path)
+    assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
+    importances = (folder / "report" / "optuna-importances.svg").read_text()
+    assert "objectives.kd.weight" in importances and 'src="optuna-importances.svg"' in (
+        folder / "report" / "report.html").read_text()
 
 
 def test_quasi_random_search_is_one_table_entry_and_runs_a_real_sweep(tiny_demo_teacher, demo_cache, tmp_path):

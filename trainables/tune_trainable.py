@@ -27,6 +27,7 @@ from trainables.launch import run_data_parallel
 from trainables.models import live_models
 from trainables.pretrain import pretrain
 from trainables.run import distill
+from trainables.system_metrics import SystemSampler
 from trainables.training import BEST_STUDENT, NonFiniteLossError
 
 RUN_CONFIG = "run_config"  # where a trial's config holds its resolved RunConfig, as JSON
@@ -59,8 +60,10 @@ def distillation_trial(config: dict[str, Any], kind: str = "distill", cpus_per_t
     if checkpoint is not None:
         resume_from = Path(checkpoint.to_directory(str(restored)))
 
+    system = SystemSampler()
+
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        numeric = {k: v for k, v in metrics.items() if not isinstance(v, str)}
+        numeric = {k: v for k, v in metrics.items() if not isinstance(v, str)} | system.take()
         if checkpoint_dir is None:
             tune.report(numeric)
             return
@@ -91,6 +94,7 @@ def distillation_trial(config: dict[str, Any], kind: str = "distill", cpus_per_t
         # frame of the run, models included: keep only the code, so the memory can go below.
         stop = SystemExit(err.code)
     finally:
+        system.close()
         # The run's own copies of what Tune's storage holds: the exported student (also in the final
         # checkpoint), the best student's weights (in every checkpoint), the checkpoint it resumed from.
         for copy in (cfg.output_dir / "checkpoints", cfg.output_dir / "student", restored):
