@@ -317,8 +317,12 @@ def report(
     include_stopped: Annotated[
         bool, typer.Option(help="average early-stopped trials into the cells too, at the step they reached")
     ] = False,
+    register: Annotated[str | None, typer.Option(
+        help="register the best completed student of each task in MLflow's Model Registry as NAME-TASK "
+        "(needs `log_students: true`)")] = None,
 ) -> None:
-    """Print and save the study's table (Markdown and CSV) and log it to the sweep's MLflow run."""
+    """Print and save the study's tables and figures (Markdown, CSV, SVG, report.html) and log them
+    to the sweep's MLflow run."""
     from orchestrator.report import build_report
     from orchestrator.study import STUDY_FILE, study_report
 
@@ -332,7 +336,13 @@ def report(
         raise UserError(f"--value {value!r}: expected best_score or final_score")
     md_path, csv_path, markdown, logged = build_report(sweep_dir, value, include_stopped)
     Console().print(markdown)
-    console.print(f"saved {md_path} and {csv_path}" + ("; logged to MLflow" if logged else ""))
+    console.print(f"saved {md_path.parent / 'report.html'} (tables and figures) and {csv_path}"
+                  + ("; logged to MLflow" if logged else ""))
+    if register:
+        from orchestrator.student_models import register_best_students
+
+        for task, run, version in register_best_students(sweep_dir, register):
+            console.print(f"registered {register}-{task} version {version}: the student of {run}")
 
 
 @app.command()

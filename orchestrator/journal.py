@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import shutil
+import tempfile
 import threading
 import time
 from collections import deque
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from orchestrator.messages import UserError
+from orchestrator.student_models import save_student_model
 from orchestrator.tracking import fail_fast_http
 
 JOURNAL_FILE = "mlflow_journal.jsonl"
@@ -113,11 +115,28 @@ class MlflowWriter:
                     shutil.rmtree(record["path"], ignore_errors=True)
             elif not check:
                 raise FileNotFoundError(f"{record['path']} is gone; its artifacts cannot be logged")
+        elif kind == "model":
+            self.deliver_model(run_id, record, check)
         elif kind == "end":
             self.client.set_terminated(run_id, record["status"])
         else:
             raise ValueError(f"unknown journal record {kind!r}")
         return None
+
+    def deliver_model(self, run_id: str, record: dict[str, Any], check: bool) -> None:
+        """Log the student saved at `path` as an MLflow model; a resend skips a run that holds one."""
+        if check and any(a.path.endswith("MLmodel") for a in self.client.list_artifacts(run_id, record["artifact_path"])):
+            shutil.rmtree(record["path"], ignore_errors=True)
+            return
+        if not Path(record["path"]).exists():
+            if check:
+                return
+            raise FileNotFoundError(f"{record['path']} is gone; the student cannot be logged")
+        with tempfile.TemporaryDirectory() as folder:
+            model = Path(folder) / "model"
+            save_student_model(Path(record["path"]), model, record["kind"])
+            self.client.log_artifacts(run_id, str(model), record["artifact_path"])
+        shutil.rmtree(record["path"], ignore_errors=True)
 
     def steps_held(self, run_id: str, name: str) -> set[int]:
         if (run_id, name) not in self.logged_steps:

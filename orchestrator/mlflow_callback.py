@@ -21,6 +21,7 @@ from orchestrator.journal import Delivery, Journal, open_journal
 from orchestrator.outcome import ENDED_STATES, OUTCOME_FILE, TrialOutcome, trial_outcome
 from orchestrator.report import read_outcome, read_result_rows, tune_trial_states
 from orchestrator.state import SweepState
+from orchestrator.student_models import STUDENT_ARTIFACT
 from orchestrator.tracking import numeric_metrics, run_params, run_tags
 from orchestrator.trials import TrialTemplate
 from trainables.tune_trainable import RUN_CONFIG
@@ -107,8 +108,8 @@ class SweepTracker(Callback):
                              "text": json.dumps(resolved, indent=2, default=str)})
 
     def _log_student(self, trial: Any) -> None:
-        """Copy the student out of the trial's final checkpoint (wherever storage is) and log it,
-        so later sweeps can start from `runs:/<run id>/student`."""
+        """Copy the student out of the trial's final checkpoint (wherever storage is) and log it as an
+        MLflow model, so later sweeps can start from `runs:/<run id>/student` and users can load it."""
         import pyarrow.fs
 
         checkpoint = trial.checkpoint
@@ -120,8 +121,8 @@ class SweepTracker(Callback):
             f"{checkpoint.path}/student", str(local), source_filesystem=checkpoint.filesystem,
             destination_filesystem=pyarrow.fs.LocalFileSystem(),
         )
-        self.journal.append({"op": "artifacts", "key": self.key(trial), "path": str(local), "artifact_path": "student",
-                             "remove_after": True})
+        self.journal.append({"op": "model", "key": self.key(trial), "path": str(local),
+                             "artifact_path": STUDENT_ARTIFACT, "kind": self.template.kind})
         self.journal.append({"op": "tags", "key": self.key(trial), "tags": {"student_logged": "true"}})
 
     def _close(self, trial: Any, outcome: TrialOutcome, state: str) -> None:

@@ -16,9 +16,12 @@ import urllib.request
 from pathlib import Path
 from xml.etree import ElementTree
 
+import mlflow
 import pandas as pd
 import pytest
+import torch
 from mlflow import MlflowClient
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from sweep_helpers import cli_env, distillsweep, sweep_runs, tiny_space, write_space
 
@@ -32,7 +35,7 @@ TRAINING_TABS = ("Runs", "Models", "Model registry")
 def finished_sweep(tiny_demo_teacher, demo_cache, tmp_path_factory) -> Path:
     """A tiny two-trial sweep, run through the CLI; returns its working folder."""
     work = tmp_path_factory.mktemp("browsed")
-    spec = tiny_space(tiny_demo_teacher, work)
+    spec = tiny_space(tiny_demo_teacher, work, log_students=True)
     done = distillsweep(["sweep", str(write_space(spec, work / "space.yaml"))], demo_cache, work)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return work
@@ -121,3 +124,38 @@ def test_report_folder_holds_the_heatmap_the_learning_curves_and_one_html_page(f
     logged = {a.path for a in MlflowClient(f"sqlite:///{finished_sweep / 'mlflow.db'}").list_artifacts(
         parent.info.run_id, "report")}
     assert {"report/report.html", "report/heatmap-demo.svg", "report/curves-demo.svg"} <= logged
+
+
+def test_a_logged_student_loads_with_mlflow_and_predicts_as_the_trial_did(finished_sweep, demo_cache, monkeypatch):
+    uri = f"sqlite:///{finished_sweep / 'mlflow.db'}"
+    parent, children = sweep_runs(uri, "tests")
+    child = children[0]
+    assert child.data.tags.get("student_logged") == "true"
+    assert any(key.startswith("system/cpu_utilization") for key in child.data.metrics), "no system metrics"
+
+    monkeypatch.setenv("DISTILLSWEEP_CACHE", str(demo_cache))
+    from trainables.demo import ensure_demo_data
+
+    _, validation_file = ensure_demo_data()
+    trial_dir = next((finished_sweep / "sweeps" / "tiny").glob(f"*{child.data.tags['ray_trial_id']}*"))
+    student = next(trial_dir.glob("checkpoint_*/student"))  # the trial's own final student, kept by `keep: final`
+    model = AutoModelForSequenceClassification.from_pretrained(student).eval()
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    # Validation rows short enough that the trial's max_seq_length (48) cut nothing off.
+    texts = [t for t in pd.read_csv(validation_file)["text"].astype(str) if len(tokenizer(t).input_ids) <= 48][:8]
+    with torch.no_grad():
+        logits = model(**tokenizer(texts, padding=True, truncation=True, max_length=48, return_tensors="pt")).logits
+    expected = [model.config.id2label[i] for i in logits.argmax(-1).tolist()]
+
+    mlflow.set_tracking_uri(uri)
+    predicted = mlflow.pyfunc.load_model(f"runs:/{child.info.run_id}/student").predict(texts)
+    assert predicted["label"].tolist() == expected
+    pipeline = mlflow.transformers.load_model(f"runs:/{child.info.run_id}/student")
+    assert [p["label"] for p in pipeline(texts)] == expected
+
+    done = distillsweep(["report", str(finished_sweep / "sweeps" / "tiny"), "--register", "tiny-student"],
+                        demo_cache, finished_sweep)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "registered tiny-student-demo version 1" in done.stdout + done.stderr
+    registered = mlflow.pyfunc.load_model("models:/tiny-student-demo/1").predict(texts)
+    assert len(registered) == len(texts)
