@@ -39,6 +39,7 @@ class SweepTracker(Callback):
         template: TrialTemplate,
         journal_dir: Path,
         students_dir: Path | None = None,
+        source_runs: dict[str, str] | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
@@ -47,6 +48,7 @@ class SweepTracker(Callback):
         self.template = template
         self.journal_dir = journal_dir
         self.students_dir = students_dir
+        self.source_runs = source_runs or {}
 
     @property
     def journal(self) -> Journal:
@@ -87,7 +89,7 @@ class SweepTracker(Callback):
         key = self.key(trial)
         try:
             cfg = self.template.run_config_of(trial.config)
-            params, tags = run_params(cfg), run_tags(cfg)
+            params, tags = run_params(cfg), run_tags(cfg, self.source_runs)
             name = run_name(cfg, trial.trial_id)
             resolved = cfg.model_dump(mode="json")
         except ValueError:  # the trial itself fails with the reason; its draw is recorded as drawn

@@ -7,7 +7,7 @@ Tune's experiment folder, so every command after `sweep` needs only the sweep's 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,8 @@ class SweepState:
     parent_run_id: str
     teachers: dict[str, str]
     base: dict[str, Any]
+    # models:/ URIs that trials start their students from -> the run that logged each (for its tag)
+    source_runs: dict[str, str] = field(default_factory=dict)
 
     def save(self) -> None:
         path = Path(self.sweep_dir) / STATE_FILE

@@ -1,8 +1,8 @@
 """Task-agnostic studies: distil students on text, then fine-tune each on GLUE tasks, as one file.
 
 Stage 1 is a pre-training sweep whose trials log their students to MLflow. Stage 2 is a
-fine-tuning sweep whose `student.init` is the grid of those students (`runs:/<run id>/student`),
-so every fine-tuning run links to the run that distilled its student. The report gives, per
+fine-tuning sweep whose `student.init` is the grid of those students, registered in MLflow's Model
+Registry (`models:/STUDY-MIX/VERSION`), whose versions link to the runs that distilled them. The report gives, per
 objective and task, the best dev score over the fine-tuning grid, as the study did.
 """
 
@@ -22,11 +22,12 @@ from orchestrator.preflight import validate
 from orchestrator.report import markdown_table, read_trials
 from orchestrator.search import SchedulerConfig, SearchConfig
 from orchestrator.state import STATE_FILE, SweepState, sweep_dir
+from orchestrator.student_models import STUDENT_ARTIFACT
 from orchestrator.sweep import resume_sweep, start_sweep
 from trainables.config import StrictModel, read_yaml, set_dotted
 
 STUDY_FILE = "study.json"
-PLACEHOLDER_STUDENT = "runs:/stage-1-student/student"
+PLACEHOLDER_STUDENT = "models:/stage-1-student/1"
 
 
 class StageSpec(StrictModel):
@@ -69,7 +70,7 @@ class StudySpec(StrictModel):
 class StudyState:
     study_dir: str
     spec: dict[str, Any]
-    students: dict[str, str]  # runs:/ URI -> objective mix of the run that distilled it
+    students: dict[str, str]  # models:/ URI -> objective mix of the run that distilled it
 
     def save(self) -> None:
         path = Path(self.study_dir) / STUDY_FILE
@@ -107,23 +108,34 @@ def run_stage(spec: SweepSpec, address: str | None) -> SweepState:
     return start_sweep(spec, address)
 
 
-def distilled_students(state: SweepState) -> dict[str, str]:
-    """runs:/ URIs of the students stage 1 logged, with the objective mix that made each."""
+def distilled_students(state: SweepState, study_name: str) -> dict[str, str]:
+    """The students stage 1 logged, each registered in MLflow's Model Registry as
+    `STUDY-MIX` (one version per student), as `models:/NAME/VERSION` URIs with the objective mix
+    that made each. Registering is idempotent: a resumed study finds the versions it made."""
+    import mlflow
     from mlflow import MlflowClient
 
+    mlflow.set_tracking_uri(state.tracking_uri)
     client = MlflowClient(state.tracking_uri)
     runs = client.search_runs(
         [state.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{state.parent_run_id}' and tags.student_logged = 'true'",
         max_results=10_000,
     )
-    return {f"runs:/{r.info.run_id}/student": r.data.tags["objective_mix"] for r in runs}
+    students = {}
+    for run in sorted(runs, key=lambda r: r.info.start_time):
+        mix = run.data.tags["objective_mix"]
+        name = f"{study_name}-{mix}"
+        held = [v for v in client.search_model_versions(f"run_id = '{run.info.run_id}'") if v.name == name]
+        version = held[0] if held else mlflow.register_model(f"runs:/{run.info.run_id}/{STUDENT_ARTIFACT}", name)
+        students[f"models:/{name}/{version.version}"] = mix
+    return students
 
 
 def run_study(spec: StudySpec, address: str | None = None) -> StudyState:
     check_study(spec)
     distill_state = run_stage(spec.stage("distill"), address)
-    students = distilled_students(distill_state)
+    students = distilled_students(distill_state, spec.name)
     if not students:
         raise UserError(f"stage 1 of study {spec.name} produced no student; see distillsweep status {distill_state.sweep_dir}")
     finetune_spec = spec.stage("finetune", sorted(students))

@@ -18,7 +18,7 @@ from orchestrator.retention import CheckpointRetention
 from orchestrator.search import SCHEDULERS, SEARCHERS, STRICT_METRIC_CHECK
 from orchestrator.state import STATE_FILE, SweepState, sweep_dir, tracking_uri_for
 from orchestrator.teachers import prepare_teachers, resolve_demo_teacher
-from orchestrator.tracking import ensure_experiment, fail_fast_http
+from orchestrator.tracking import ensure_experiment, fail_fast_http, registered_source_runs
 from trainables.tune_trainable import distillation_trial
 
 # Settings trials need wherever they run: offline hub use, caches, and MLflow / object-store
@@ -84,6 +84,8 @@ def start_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = Fal
         parent_run_id=parent.info.run_id,
         teachers=teachers,
         base=spec.base,
+        source_runs=registered_source_runs(
+            client, {getattr(cfg.student.init, "pretrained", None) or "" for cfg in configs}),
     )
     state.save()
     run_tuner(state, address, restore=False, verbose=verbose)
@@ -160,7 +162,8 @@ def run_tuner(state: SweepState, address: str | None, restore: bool, retry_error
     init_ray(address, spec, state.tracking_uri, verbose)
     tracker = SweepTracker(state.tracking_uri, state.experiment_id, state.parent_run_id, spec.name,
                            state.template, Path(state.sweep_dir),
-                           students_dir=Path(state.sweep_dir) / "students" if spec.log_students else None)
+                           students_dir=Path(state.sweep_dir) / "students" if spec.log_students else None,
+                           source_runs=state.source_runs)
     experiment_path = state.storage.experiment(spec.name)
     if restore:
         if not state.storage.is_remote and repair(state.experiment_dir):

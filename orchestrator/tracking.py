@@ -87,8 +87,9 @@ def run_params(cfg: RunConfig | PretrainConfig) -> dict[str, str]:
     return {k: str(v)[:6000] for k, v in flatten(cfg.model_dump(mode="json")).items()}
 
 
-def run_tags(cfg: RunConfig | PretrainConfig) -> dict[str, str]:
-    """Tags for filtering in the MLflow UI; a fine-tuned student links to the run that distilled it."""
+def run_tags(cfg: RunConfig | PretrainConfig, source_runs: dict[str, str] | None = None) -> dict[str, str]:
+    """Tags for filtering in the MLflow UI; a fine-tuned student links to the run that distilled it
+    (`source_runs`: registered students' models:/ URIs -> their runs, looked up before launch)."""
     tags = {
         "objective_mix": cfg.objective_mix,
         "init": cfg.student.init_name,
@@ -99,7 +100,20 @@ def run_tags(cfg: RunConfig | PretrainConfig) -> dict[str, str]:
     source = getattr(cfg.student.init, "pretrained", "")
     if source.startswith("runs:/"):
         tags["distilled_from_run_id"] = source.removeprefix("runs:/").split("/", 1)[0]
+    elif source in (source_runs or {}):
+        tags["distilled_from_run_id"] = source_runs[source]
+        tags["distilled_from_model"] = source.removeprefix("models:/")
     return tags
+
+
+def registered_source_runs(client: Any, sources: set[str]) -> dict[str, str]:
+    """The run behind each `models:/NAME/VERSION` in `sources` (other URIs are left out)."""
+    runs = {}
+    for source in sources:
+        parts = source.removeprefix("models:/").split("/")
+        if source.startswith("models:/") and len(parts) == 2 and parts[1].isdigit():
+            runs[source] = client.get_model_version(parts[0], parts[1]).run_id
+    return runs
 
 
 def git_commit() -> str:

@@ -58,8 +58,11 @@ def test_study_distils_two_objectives_fine_tunes_each_and_reports_them(
     mixes = {r.info.run_id: r.data.tags["objective_mix"] for r in stage1}
     for run in stage1:
         assert "student" in {a.path for a in client.list_artifacts(run.info.run_id)}
-    for run in stage2:
+    for run in stage2:  # stage 2 starts from the registered students, linked to the runs that made them
         assert run.data.tags["distilled_from_run_id"] in mixes
+        model, version = run.data.tags["distilled_from_model"].split("/")
+        assert model == f"ta-{mixes[run.data.tags['distilled_from_run_id']]}"
+        assert client.get_model_version(model, version).run_id == run.data.tags["distilled_from_run_id"]
 
     report = pd.read_csv(tmp_path / "sweeps" / "ta" / "study_report.csv", index_col=0)
     assert sorted(report.index) == ["att_kl", "hidden_mse"]
