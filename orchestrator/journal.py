@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from orchestrator.inputs import dataset_inputs
 from orchestrator.messages import UserError
 from orchestrator.student_models import save_student_model
 from orchestrator.tracking import fail_fast_http
@@ -115,6 +116,9 @@ class MlflowWriter:
                     shutil.rmtree(record["path"], ignore_errors=True)
             elif not check:
                 raise FileNotFoundError(f"{record['path']} is gone; its artifacts cannot be logged")
+        elif kind == "inputs":
+            if not (check and self.client.get_run(run_id).inputs.dataset_inputs):
+                self.client.log_inputs(run_id, datasets=dataset_inputs(record["datasets"]))
         elif kind == "model":
             self.deliver_model(run_id, record, check)
         elif kind == "end":

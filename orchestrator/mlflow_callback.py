@@ -40,6 +40,7 @@ class SweepTracker(Callback):
         journal_dir: Path,
         students_dir: Path | None = None,
         source_runs: dict[str, str] | None = None,
+        task_inputs: dict[str, list[dict[str, Any]]] | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
@@ -49,6 +50,7 @@ class SweepTracker(Callback):
         self.journal_dir = journal_dir
         self.students_dir = students_dir
         self.source_runs = source_runs or {}
+        self.task_inputs = task_inputs or {}
 
     @property
     def journal(self) -> Journal:
@@ -105,6 +107,8 @@ class SweepTracker(Callback):
         }
         self.journal.append({"op": "create", "key": key, "parent": self.parent_run_id, "tags": tags, "name": name})
         self.journal.append({"op": "params", "key": key, "params": params})
+        if tags.get("task") in self.task_inputs:
+            self.journal.append({"op": "inputs", "key": key, "datasets": self.task_inputs[tags["task"]]})
         self.journal.append({"op": "tags", "key": key, "tags": {"trial_state": "RUNNING"}})
         self.journal.append({"op": "text", "key": key, "file": "run_config.json",
                              "text": json.dumps(resolved, indent=2, default=str)})

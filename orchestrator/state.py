@@ -78,6 +78,8 @@ class SweepState:
     base: dict[str, Any]
     # models:/ URIs that trials start their students from -> the run that logged each (for its tag)
     source_runs: dict[str, str] = field(default_factory=dict)
+    # task name -> its train and validation sets as MLflow dataset fields (orchestrator.inputs)
+    task_inputs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def save(self) -> None:
         path = Path(self.sweep_dir) / STATE_FILE

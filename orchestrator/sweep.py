@@ -10,6 +10,7 @@ from typing import Any
 from orchestrator.config import SweepSpec
 from orchestrator.console import RAY_LOG, SweepProgress, TableLog
 from orchestrator.experiment_state import StateKeeper, repair
+from orchestrator.inputs import task_inputs
 from orchestrator.messages import UserError, first_line, last_line
 from orchestrator.mlflow_callback import SweepTracker, reconcile_with_tune
 from orchestrator.outcome import trial_outcome
@@ -19,6 +20,8 @@ from orchestrator.search import SCHEDULERS, SEARCHERS, STRICT_METRIC_CHECK
 from orchestrator.state import STATE_FILE, SweepState, sweep_dir, tracking_uri_for
 from orchestrator.teachers import prepare_teachers, resolve_demo_teacher
 from orchestrator.tracking import ensure_experiment, fail_fast_http, registered_source_runs
+from trainables.config import RunConfig
+from trainables.tasks import resolve_task
 from trainables.tune_trainable import distillation_trial
 
 # Settings trials need wherever they run: offline hub use, caches, and MLflow / object-store
@@ -86,10 +89,20 @@ def start_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = Fal
         base=spec.base,
         source_runs=registered_source_runs(
             client, {getattr(cfg.student.init, "pretrained", None) or "" for cfg in configs}),
+        task_inputs=describe_tasks(configs),
     )
     state.save()
     run_tuner(state, address, restore=False, verbose=verbose)
     return state
+
+
+def describe_tasks(configs: list[Any]) -> dict[str, list[dict[str, Any]]]:
+    """Each task's train and validation sets, for the MLflow runs' Dataset column (distillation only)."""
+    described = {}
+    for cfg in configs:
+        if isinstance(cfg, RunConfig) and cfg.task_name not in described:
+            described[cfg.task_name] = task_inputs(resolve_task(cfg.task))
+    return described
 
 
 def sweep_params(spec: SweepSpec, checked: int) -> list[Any]:
@@ -163,7 +176,7 @@ def run_tuner(state: SweepState, address: str | None, restore: bool, retry_error
     tracker = SweepTracker(state.tracking_uri, state.experiment_id, state.parent_run_id, spec.name,
                            state.template, Path(state.sweep_dir),
                            students_dir=Path(state.sweep_dir) / "students" if spec.log_students else None,
-                           source_runs=state.source_runs)
+                           source_runs=state.source_runs, task_inputs=state.task_inputs)
     experiment_path = state.storage.experiment(spec.name)
     if restore:
         if not state.storage.is_remote and repair(state.experiment_dir):

@@ -4,6 +4,7 @@ a real headless browser (Debian's `chromium`) renders the page it prints."""
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
 import shutil
@@ -136,7 +137,12 @@ def test_a_logged_student_loads_with_mlflow_and_predicts_as_the_trial_did(finish
     monkeypatch.setenv("DISTILLSWEEP_CACHE", str(demo_cache))
     from trainables.demo import ensure_demo_data
 
-    _, validation_file = ensure_demo_data()
+    train_file, validation_file = ensure_demo_data()
+    inputs = {i.dataset.name: i for i in MlflowClient(uri).get_run(child.info.run_id).inputs.dataset_inputs}
+    assert set(inputs) == {"demo-train", "demo-validation"}, "the Dataset column: what the student saw"
+    assert json.loads(inputs["demo-train"].dataset.profile)["num_rows"] == len(pd.read_csv(train_file))
+    assert json.loads(inputs["demo-validation"].dataset.source)["uri"] == str(validation_file)
+    assert {t.value for t in inputs["demo-validation"].tags} == {"evaluation"}
     trial_dir = next((finished_sweep / "sweeps" / "tiny").glob(f"*{child.data.tags['ray_trial_id']}*"))
     student = next(trial_dir.glob("checkpoint_*/student"))  # the trial's own final student, kept by `keep: final`
     model = AutoModelForSequenceClassification.from_pretrained(student).eval()
