@@ -25,6 +25,7 @@ from mlflow import MlflowClient
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from sweep_helpers import cli_env, distillsweep, sweep_runs, tiny_space, write_space
+from trainables.models import resolve_model_source
 
 pytestmark = pytest.mark.slow
 
@@ -158,6 +159,11 @@ def test_a_logged_student_loads_with_mlflow_and_predicts_as_the_trial_did(finish
     assert predicted["label"].tolist() == expected
     pipeline = mlflow.transformers.load_model(f"runs:/{child.info.run_id}/student")
     assert [p["label"] for p in pipeline(texts)] == expected
+    # distillsweep reads it too (a teacher, or a student's init.pretrained): weights and tokenizer in one folder
+    local = resolve_model_source(f"runs:/{child.info.run_id}/student")
+    assert AutoTokenizer.from_pretrained(local)(texts[0]).input_ids == tokenizer(texts[0]).input_ids
+    reread = AutoModelForSequenceClassification.from_pretrained(local).eval()
+    assert torch.equal(reread.classifier.weight, model.classifier.weight)
 
     done = distillsweep(["report", str(finished_sweep / "sweeps" / "tiny"), "--register", "tiny-student"],
                         demo_cache, finished_sweep)

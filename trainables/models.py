@@ -8,6 +8,7 @@ classification head is always freshly initialised, as in the study's code (paper
 from __future__ import annotations
 
 import copy
+import shutil
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,6 +51,13 @@ def resolve_model_source(ref: str) -> str:
         import mlflow
 
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref))
+        tokenizer = local / "components" / "tokenizer"
+        if (local / "model" / "config.json").exists() and tokenizer.is_dir():
+            # An MLflow transformers model keeps its tokenizer apart; `from_pretrained` wants both in one folder.
+            for file in tokenizer.iterdir():
+                if not (local / "model" / file.name).exists():
+                    shutil.copy2(file, local / "model" / file.name)
+            return str(local / "model")
         nested = [p.parent for p in local.rglob("config.json")]
         return str(nested[0] if nested else local)
     path = Path(ref).expanduser()
