@@ -2,15 +2,18 @@
 
 Trials done (completed, stopped by the scheduler, failed), running, the best score so far and its
 trial, time elapsed and an estimate of the time left. On a terminal the line updates in place; in
-a log or a pipe, a line is printed when a trial ends. Tune's trial tables go to `SWEEP_DIR/ray.log`
-and the trials' own output stays in Ray's session logs (`--verbose` brings both back).
+a log or a pipe, a line is printed when a trial ends. Tune's trial tables and its log (a failed
+trial's traceback) go to `SWEEP_DIR/ray.log` and the trials' own output stays in Ray's session logs
+(`--verbose` brings both back).
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback, CLIReporter
@@ -24,6 +27,20 @@ from orchestrator.trials import TrialTemplate
 
 SCORE = "score"
 RAY_LOG = "ray.log"
+
+
+def log_tune_to(path: Path) -> None:
+    """Tune's own log lines (a failed trial's traceback, warnings) go to the sweep's ray.log; the
+    progress line counts failures and the sweep's summary names each with its error."""
+    tune_logger = logging.getLogger("ray.tune")
+    for handler in [h for h in tune_logger.handlers if h.get_name() == RAY_LOG]:  # an earlier sweep's (studies)
+        tune_logger.removeHandler(handler)
+        handler.close()
+    handler = logging.FileHandler(path)
+    handler.set_name(RAY_LOG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    tune_logger.addHandler(handler)
+    tune_logger.propagate = False
 
 
 class TableLog(CLIReporter):

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import SweepSpec
-from orchestrator.console import RAY_LOG, SweepProgress, TableLog
+from orchestrator.console import RAY_LOG, SweepProgress, TableLog, log_tune_to
 from orchestrator.experiment_state import StateKeeper, repair
 from orchestrator.inputs import task_inputs
 from orchestrator.messages import UserError, first_line, last_line
@@ -172,6 +172,7 @@ def run_tuner(state: SweepState, address: str | None, restore: bool, retry_error
     os.environ[STRICT_METRIC_CHECK] = "1"  # metric names were checked before launch (metric_names)
     if not verbose:  # Tune's legacy output engine is the one that takes a reporter: TableLog, to ray.log
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        log_tune_to(Path(state.sweep_dir) / RAY_LOG)
     init_ray(address, spec, state.tracking_uri, verbose)
     tracker = SweepTracker(state.tracking_uri, state.experiment_id, state.parent_run_id, spec.name,
                            state.template, Path(state.sweep_dir),
