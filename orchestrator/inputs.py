@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from trainables.tasks import TaskSpec, read_local_file
+from trainables.config import RunConfig
+from trainables.tasks import TaskSpec, read_local_file, resolve_task
 
 GLUE_HUB_PATH = "nyu-mll/glue"
 CONTEXTS = {"train": "training", "validation": "evaluation"}
@@ -70,3 +71,12 @@ def dataset_inputs(described: list[dict[str, Any]]) -> list[Any]:
                      tags=[InputTag("mlflow.data.context", d["context"])])
         for d in described
     ]
+
+
+def describe_tasks(configs: list[Any]) -> dict[str, list[dict[str, Any]]]:
+    """Each task's train and validation sets, for the MLflow runs' Dataset column (distillation only)."""
+    described = {}
+    for cfg in configs:
+        if isinstance(cfg, RunConfig) and cfg.task_name not in described:
+            described[cfg.task_name] = task_inputs(resolve_task(cfg.task))
+    return described

@@ -10,7 +10,7 @@ from typing import Any
 from orchestrator.config import SweepSpec
 from orchestrator.console import RAY_LOG, SweepProgress, TableLog, log_tune_to
 from orchestrator.experiment_state import StateKeeper, repair
-from orchestrator.inputs import task_inputs
+from orchestrator.inputs import describe_tasks
 from orchestrator.messages import UserError, first_line, last_line
 from orchestrator.mlflow_callback import SweepTracker, reconcile_with_tune
 from orchestrator.outcome import trial_outcome
@@ -20,8 +20,6 @@ from orchestrator.search import SCHEDULERS, SEARCHERS, STRICT_METRIC_CHECK
 from orchestrator.state import STATE_FILE, SweepState, sweep_dir, tracking_uri_for
 from orchestrator.teachers import prepare_teachers, resolve_demo_teacher
 from orchestrator.tracking import ensure_experiment, fail_fast_http, registered_source_runs
-from trainables.config import RunConfig
-from trainables.tasks import resolve_task
 from trainables.tune_trainable import distillation_trial
 
 # Settings trials need wherever they run: offline hub use, caches, and MLflow / object-store
@@ -94,15 +92,6 @@ def start_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = Fal
     state.save()
     run_tuner(state, address, restore=False, verbose=verbose)
     return state
-
-
-def describe_tasks(configs: list[Any]) -> dict[str, list[dict[str, Any]]]:
-    """Each task's train and validation sets, for the MLflow runs' Dataset column (distillation only)."""
-    described = {}
-    for cfg in configs:
-        if isinstance(cfg, RunConfig) and cfg.task_name not in described:
-            described[cfg.task_name] = task_inputs(resolve_task(cfg.task))
-    return described
 
 
 def sweep_params(spec: SweepSpec, checked: int) -> list[Any]:

@@ -44,9 +44,22 @@ KNOWN_TEACHERS = {
 def demo_teacher(on_step: Any = None) -> Path:
     """The MiniLM-L6 teacher fine-tuned on the demo task (trained once, then reused)."""
     request = TeacherRequest(base_model=str(demo_teacher_base()), task="demo", training=DEMO_TEACHER_TRAINING)
-    path, reused = finetune_teacher(request, on_step=on_step)
+    path, reused = finetune_teacher(request, on_step=on_step or quarterly("fine-tuning the demo teacher"))
     print(f"[distillsweep] demo teacher {'reused' if reused else 'fine-tuned'}: {path}")
     return path
+
+
+def quarterly(what: str) -> Any:
+    """A step callback that prints a line at each quarter of the steps: progress in logs and pipes too."""
+    shown: set[int] = set()
+
+    def on_step(step: int, total: int) -> None:
+        quarter = 4 * step // max(total, 1)
+        if step and quarter not in shown:
+            shown.add(quarter)
+            print(f"[distillsweep] {what}: step {step} of {total}", flush=True)
+
+    return on_step
 
 
 def resolve_demo_teacher(raw: dict[str, Any]) -> dict[str, Any]:
