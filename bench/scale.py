@@ -398,6 +398,15 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return read_result_rows(path)  # a line being written is left out
 
 
+def first_row_after(experiment_dir: Path, killed_at: float) -> float | None:
+    """Seconds from the driver kill to the first result the resumed driver recorded, read from when
+    rows were made (Tune stamps whole seconds; a row of the same second as the kill was the killed
+    driver's), not from when a poll of hundreds of files noticed them."""
+    stamps = [row.get("timestamp", 0) for path in experiment_dir.glob("*/result.json") for row in read_rows(path)]
+    after = [stamp for stamp in stamps if stamp >= int(killed_at) + 1]
+    return round(min(after) - killed_at, 1) if after else None
+
+
 @dataclass
 class Watch:
     """What Tune has written: when each trial reached its budget, when results last arrived, and
@@ -408,7 +417,6 @@ class Watch:
     done_at: dict[str, float] = field(default_factory=dict)
     last_pid: dict[str, int] = field(default_factory=dict)
     last_change: float = 0.0
-    newest_row_time: float = 0.0  # when the newest result was made (its row's timestamp), not when it was seen
     state_series: list[tuple[float, int, int]] = field(default_factory=list)
 
     def poll(self) -> None:
@@ -424,7 +432,6 @@ class Watch:
                 self.last_change = time.time()
                 last, trial = rows[-1], path.parent.name
                 self.last_pid[trial] = last.get("pid", 0)
-                self.newest_row_time = max(self.newest_row_time, float(last.get("timestamp", 0)))
                 if last.get("step", 0) >= last.get("total_steps", math.inf):
                     self.done_at.setdefault(trial, time.time())
         states = list(self.folder.glob("experiment_state-*.json"))
@@ -631,9 +638,6 @@ class Rehearsal:
         came_back, shown = False, time.time()
         while second.proc.poll() is None:
             self.watch.poll()
-            # A row the killed driver wrote just before it died is seen only now: go by when rows were made.
-            if "resume_to_first_result_s" not in self.events and self.watch.newest_row_time >= resumed_at:
-                self.events["resume_to_first_result_s"] = round(time.time() - resumed_at, 1)
             if not came_back and time.time() - down_at >= self.size.outage_s:
                 self.mlflow.start()
                 came_back = True
@@ -644,6 +648,7 @@ class Rehearsal:
                 log(f"{self.watch.done}/{n} trials done (resumed driver: {second.monitor.cpu_s:.0f} CPU s)")
             time.sleep(1)
         self.watch.poll()
+        self.events["resume_to_first_result_s"] = first_row_after(self.sweep_dir, resumed_at)
         if not came_back:
             time.sleep(max(0.0, self.size.outage_s - (time.time() - down_at)))
             self.mlflow.start()

@@ -1,10 +1,10 @@
 """What a running sweep shows on the console: one live line, not Ray's tables.
 
 Trials done (completed, stopped by the scheduler, failed), running, the best score so far and its
-trial, time elapsed and an estimate of the time left. On a terminal the line updates in place; in
-a log or a pipe, a line is printed when a trial ends. Tune's trial tables and its log (a failed
-trial's traceback) go to `SWEEP_DIR/ray.log` and the trials' own output stays in Ray's session logs
-(`--verbose` brings both back).
+trial, time elapsed and an estimate of the time left. On a terminal the line updates in place; in a
+log or a pipe, a line is printed when a trial ends, at most one every 10 s. Tune's trial tables and
+its log (a failed trial's traceback) go to `SWEEP_DIR/ray.log` and the trials' own output stays in
+Ray's session logs (`--verbose` brings both back).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from orchestrator.trials import TrialTemplate
 
 SCORE = "score"
 RAY_LOG = "ray.log"
+LOG_EVERY_S = 10.0
 
 
 def log_tune_to(path: Path) -> None:
@@ -77,6 +78,7 @@ class SweepProgress(Callback):
         self.ended_before = 0  # trials that ended before this driver started (a resumed sweep)
         self._live: Live | None = None
         self._trials: list[Any] = []
+        self._printed = -LOG_EVERY_S
 
     def __getstate__(self) -> dict[str, Any]:  # Tune saves its callbacks with the experiment
         return {"total": self.total, "template": self.template}
@@ -142,7 +144,10 @@ class SweepProgress(Callback):
         self.running = sum(t.status == "RUNNING" and t.trial_id not in self.ended for t in trials)
 
     def _print_if_not_live(self) -> None:
-        if self._live is None:
+        """In a log, a line at most every `LOG_EVERY_S` seconds, and the last one always."""
+        now = time.monotonic()
+        if self._live is None and (now - self._printed >= LOG_EVERY_S or len(self.ended) >= self.total):
+            self._printed = now
             print(self.line(), flush=True)
 
     def line(self) -> str:

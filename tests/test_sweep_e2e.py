@@ -49,7 +49,7 @@ def test_quickstart_preset_runs_from_cli_with_asha_and_mlflow(demo_cache, tmp_pa
     # which go to the sweep's ray.log.
     console = (done.stdout + done.stderr).splitlines()
     progress = [line for line in console if line.startswith("trials ")]
-    assert len(console) < 40 and len(progress) == 6 and progress[-1].startswith("trials 6/6 done"), console
+    assert len(console) < 40 and 1 <= len(progress) <= 6 and progress[-1].startswith("trials 6/6 done"), console
     assert "best score" in progress[-1] and "| 0 running" in progress[-1], progress[-1]
     assert "Trial name" in (tmp_path / "sweeps" / "quickstart" / "ray.log").read_text()
     steps = {trial: rows[-1]["step"] for trial, rows in results.items()}
