@@ -33,7 +33,7 @@ def extra_args(parser) -> None:
     parser.add_argument("--fresh-workers", action="store_true", help="also run the sweep with reuse_actors: false")
 
 
-def timed_trial(config: dict[str, Any], template: Any, cpus_per_trial: int = 1, timing_dir: str = "") -> None:
+def timed_trial(config: dict[str, Any], kind: str = "distill", cpus_per_trial: int = 1, timing_dir: str = "") -> None:
     """`distillation_trial`, plus a record of when it ran (wall clock, so workers agree)."""
     from ray import tune
 
@@ -41,7 +41,7 @@ def timed_trial(config: dict[str, Any], template: Any, cpus_per_trial: int = 1, 
 
     start = time.time()
     try:
-        distillation_trial(config, template, cpus_per_trial)
+        distillation_trial(config, kind, cpus_per_trial)
     finally:
         record = {"start": start, "end": time.time(), "pid": os.getpid(), "trial": tune.get_context().get_trial_id()}
         Path(timing_dir, f"{record['trial']}-{start:.6f}.json").write_text(json.dumps(record))
@@ -92,7 +92,7 @@ def run_sweep(spec: Any, timing_dir: Path) -> dict[str, Any]:
 
     def trainable_for(state):
         s = state.sweep_spec
-        trainable = tune.with_parameters(timed_trial, template=state.template, cpus_per_trial=max(1, int(s.resources.cpu)),
+        trainable = tune.with_parameters(timed_trial, kind=s.run, cpus_per_trial=max(1, int(s.resources.cpu)),
                                          timing_dir=str(timing_dir))
         return tune.with_resources(trainable, {"cpu": s.resources.cpu, "gpu": s.resources.gpu})
 
