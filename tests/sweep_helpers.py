@@ -92,11 +92,14 @@ def assert_mlflow_holds_what_tune_holds(uri: str, folder: Path) -> None:
         rows = results[child.data.tags["ray_trial_id"]]
         names = {k for k, v in rows[-1].items() if isinstance(v, (int, float)) and k not in TUNE_BOOKKEEPING}
         for name in names - {"step"}:
-            expected = {}
-            for row in rows:  # a restored trial reports steps after its checkpoint again, with equal values
-                expected.setdefault(row["step"], row[name])
+            # A restored trial reports the steps after its checkpoint again: equal results, but timings
+            # and system metrics measured anew. MLflow holds each step once, with one of Tune's values.
+            expected: dict[int, list[float]] = {}
+            for row in rows:
+                expected.setdefault(row["step"], []).append(row[name])
             history = client.get_metric_history(child.info.run_id, name)
             assert sorted(m.step for m in history) == sorted(expected), f"{name}: every step exactly once"
-            assert {m.step: m.value for m in history} == pytest.approx(expected), name
+            for metric in history:
+                assert any(metric.value == pytest.approx(v) for v in expected[metric.step]), (name, metric.step)
         assert child.info.status in ("FINISHED", "KILLED"), child.info.status
     assert parent.info.status == "FINISHED"
