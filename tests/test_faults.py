@@ -204,7 +204,9 @@ def test_lost_worker_node_moves_its_trials_to_the_head(tiny_demo_teacher, demo_c
         folder = tmp_path / "sweeps" / "tiny"
         wait_for(lambda: sum(1 for rows in trial_results(folder).values() if rows[-1]["step"] >= 8) >= 2,
                  what="two trials running, one of them on the worker node")
-        raylet = subprocess.run(["pgrep", "-f", f"node_manager_port={worker_port}"], capture_output=True, text=True)
+        # The whole port number: a prefix would also match another cluster's raylet on this machine.
+        raylet = subprocess.run(["pgrep", "-f", f"node_manager_port={worker_port}([^0-9]|$)"],
+                                capture_output=True, text=True)
         pids = [int(p) for p in raylet.stdout.split()]
         assert pids, "worker raylet not found"
         for pid in pids:
