@@ -84,6 +84,8 @@ def test_mlflow_down_driver_killed_resumed_and_server_back_loses_nothing(tiny_de
     uri = f"http://127.0.0.1:{port}"
     spec = long_space(tiny_demo_teacher, tmp_path, space={"training.seed": {"grid": [1, 2, 3]}},
                       tracking={"uri": uri, "experiment": "tests"})
+    # Long enough that the driver is killed mid-training: trials of 40 steps can all end before it.
+    spec["base"]["training"].update(max_steps=120)
     space_file = write_space(spec, tmp_path / "s.yaml")
     folder = tmp_path / "sweeps" / "tiny"
 
