@@ -16,6 +16,7 @@ from orchestrator.mlflow_callback import SweepTracker, reconcile_with_tune
 from orchestrator.outcome import trial_outcome
 from orchestrator.preflight import validate
 from orchestrator.retention import CheckpointRetention
+from orchestrator.result_files import ResultRowsKeeper
 from orchestrator.search import SCHEDULERS, SEARCHERS, STRICT_METRIC_CHECK
 from orchestrator.state import STATE_FILE, SweepState, sweep_dir, tracking_uri_for
 from orchestrator.teachers import prepare_teachers, resolve_demo_teacher
@@ -145,7 +146,7 @@ def run_config_for(state: SweepState, tracker: SweepTracker, verbose: bool) -> A
         # result.json first: a driver killed between the two leaves a row that `resume` journals from
         # result.json, so MLflow holds each step as Tune first recorded it. The pruner after the
         # tracker, which may copy the student out of the final checkpoint.
-        callbacks=[JsonLoggerCallback(), tracker, CheckpointRetention(spec.keep), *keeper,
+        callbacks=[JsonLoggerCallback(), ResultRowsKeeper(), tracker, CheckpointRetention(spec.keep), *keeper,
                    SweepProgress(spec.trial_count, state.template)],
         verbose=1,
         progress_reporter=None if verbose else TableLog(str(Path(state.sweep_dir) / RAY_LOG)),

@@ -98,7 +98,8 @@ def assert_mlflow_holds_what_tune_holds(uri: str, folder: Path) -> None:
             for row in rows:
                 expected.setdefault(row["step"], []).append(row[name])
             history = client.get_metric_history(child.info.run_id, name)
-            assert sorted(m.step for m in history) == sorted(expected), f"{name}: every step exactly once"
+            logged = sorted(m.step for m in history)
+            assert logged == sorted(expected), f"{name}: every step exactly once; MLflow {logged}, Tune {sorted(expected)}"
             for metric in history:
                 assert any(metric.value == pytest.approx(v) for v in expected[metric.step]), (name, metric.step)
         assert child.info.status in ("FINISHED", "KILLED"), child.info.status

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.journal import undelivered
+from orchestrator.journal import JOURNAL_FILE, undelivered
 from sweep_helpers import (
     assert_mlflow_holds_what_tune_holds, cli_env, distillsweep, metric_steps, sweep_runs, tiny_space, write_space,
 )
@@ -44,6 +44,12 @@ def finish(driver: subprocess.Popen, timeout: float = 900) -> str:
     return out
 
 
+def journaled_metrics(folder: Path) -> bool:
+    journal = folder / JOURNAL_FILE
+    lines = journal.read_text().splitlines() if journal.is_file() else []
+    return any(line.startswith('{"op": "metrics"') for line in lines)
+
+
 def long_space(teacher: str, tmp: Path, **fields) -> dict:
     spec = tiny_space(teacher, tmp, **fields)
     spec["base"]["training"].update(max_steps=40, eval_steps=4)
@@ -68,6 +74,7 @@ def test_killed_trial_process_resumes_from_its_checkpoint(tiny_demo_teacher, dem
     steps = [row["step"] for row in trial_results(folder)[trial]]
     assert steps[-1] == 40
     assert steps.count(4) == 1, f"the trial restarted from zero: {steps}"
+    assert sorted(set(steps)) == list(range(4, 41, 4)), f"Tune's result.json lost rows on the retry: {steps}"
     assert len(steps) > len(set(steps)) or steps == sorted(steps)
     uri = spec["tracking"]["uri"]
     _, children = sweep_runs(uri, "tests")
@@ -125,11 +132,12 @@ def test_sync_delivers_what_a_sweep_ended_without_and_finishes_its_parent_run(ti
     uri = f"http://127.0.0.1:{port}"
     spec = long_space(tiny_demo_teacher, tmp_path, space={"training.seed": {"grid": [1, 2]}},
                       tracking={"uri": uri, "experiment": "tests"})
-    spec["base"]["training"].update(max_steps=24)
     folder = tmp_path / "sweeps" / "tiny"
     driver = start_sweep(write_space(spec, tmp_path / "s.yaml"), demo_cache, tmp_path)
     try:
-        wait_for(lambda: any(trial_results(folder).values()), what="first results")
+        # The journal, not result.json: Tune copies result files to the sweep folder only at its
+        # snapshots, by which time these trials may have ended and MLflow have every row.
+        wait_for(lambda: journaled_metrics(folder), what="first results")
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
         out = finish(driver)
