@@ -6,11 +6,19 @@ from __future__ import annotations
 from orchestrator.search import SchedulerConfig, SearchConfig
 from trainables.metrics import METRICS
 from trainables.objectives import REGISTRY
+from trainables.system_metrics import SYSTEM_PREFIX
 from trainables.training import LOOP_METRICS
 
 # What Tune adds to every result.
 TUNE_METRICS = {"training_iteration", "time_total_s", "time_this_iter_s", "timesteps_total"}
 TIME_ATTRS = {"prediction_step", "training_iteration", "time_total_s", "step", "epoch"}
+# Measurements of the machine at the moment, not results of the training: a step that a restored
+# trial runs again reports the same results but measures these anew.
+MEASURED_METRICS = {"examples_per_second", "peak_memory_mb"}
+
+
+def is_measurement(name: str) -> bool:
+    return name in MEASURED_METRICS or name.startswith(SYSTEM_PREFIX)
 
 
 def reported_metrics() -> set[str]:

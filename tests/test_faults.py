@@ -3,6 +3,7 @@ server that dies and comes back, and a diverging trial. Nothing finished may be 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -44,10 +45,16 @@ def finish(driver: subprocess.Popen, timeout: float = 900) -> str:
     return out
 
 
-def journaled_metrics(folder: Path) -> bool:
+def journaled_metrics(folder: Path, since: float = 0.0) -> int:
+    """Evaluations the driver has journaled that were reported after `since` (epoch seconds).
+
+    Unlike result.json in the sweep folder, which Tune updates only at its snapshots (by when
+    these short trials may have ended), the journal is written as each result arrives."""
     journal = folder / JOURNAL_FILE
-    lines = journal.read_text().splitlines() if journal.is_file() else []
-    return any(line.startswith('{"op": "metrics"') for line in lines)
+    text = journal.read_text() if journal.is_file() else ""
+    complete = text[: text.rfind("\n") + 1].splitlines()  # the driver may be writing the last line
+    records = [json.loads(line) for line in complete]
+    return sum(r["op"] == "metrics" and r["time"] >= since * 1000 for r in records)
 
 
 def long_space(teacher: str, tmp: Path, **fields) -> dict:
@@ -96,16 +103,13 @@ def test_mlflow_down_driver_killed_resumed_and_server_back_loses_nothing(tiny_de
     space_file = write_space(spec, tmp_path / "s.yaml")
     folder = tmp_path / "sweeps" / "tiny"
 
-    def reported() -> int:
-        return sum(len(rows) for rows in trial_results(folder).values())
-
     driver = start_sweep(space_file, demo_cache, tmp_path)
     try:
-        wait_for(lambda: reported() >= 2, what="first results")
+        wait_for(lambda: journaled_metrics(folder) >= 2, what="first results")
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
-        before_outage = reported()
-        wait_for(lambda: reported() >= before_outage + 3, what="training to go on while MLflow is down")
+        before_outage = journaled_metrics(folder)
+        wait_for(lambda: journaled_metrics(folder) >= before_outage + 3, what="training to go on while MLflow is down")
         driver.kill()
         driver.wait()
         assert undelivered(folder) > 0, "the records made while MLflow was down are in the journal"
@@ -114,8 +118,10 @@ def test_mlflow_down_driver_killed_resumed_and_server_back_loses_nothing(tiny_de
             [sys.executable, "-m", "orchestrator.cli", "resume", str(folder)], cwd=tmp_path, env=cli_env(demo_cache),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        at_resume = reported()
-        wait_for(lambda: reported() >= at_resume + 2, what="the resumed sweep to train while MLflow is still down")
+        # Counted by report time: resume first journals, with their old times, rows the killed driver missed.
+        resumed_at = time.time()
+        wait_for(lambda: journaled_metrics(folder, since=resumed_at) >= 2,
+                 what="the resumed sweep to train while MLflow is still down")
         server = start_mlflow_server(tmp_path, port)
         out = finish(resumed)
         assert "answers again" in out
@@ -135,8 +141,6 @@ def test_sync_delivers_what_a_sweep_ended_without_and_finishes_its_parent_run(ti
     folder = tmp_path / "sweeps" / "tiny"
     driver = start_sweep(write_space(spec, tmp_path / "s.yaml"), demo_cache, tmp_path)
     try:
-        # The journal, not result.json: Tune copies result files to the sweep folder only at its
-        # snapshots, by which time these trials may have ended and MLflow have every row.
         wait_for(lambda: journaled_metrics(folder), what="first results")
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
