@@ -3,7 +3,7 @@
 Tune rewrites `experiment_state-<session>.json` in place, first in its staging folder and then in
 storage, at every snapshot (at least 10 s apart); at the study's size
 the file is megabytes, and a driver SIGKILLed while it is written leaves it cut short, which
-`Tuner.restore` cannot read. `StateKeeper` copies each complete snapshot beside it, atomically,
+`Tuner.restore` cannot read. `tune_files.StateKeeper` copies each complete snapshot beside it, atomically,
 and `repair` puts that copy back before Tune reads the state.
 """
 
@@ -14,8 +14,6 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any
-
-from ray.tune import Callback
 
 from orchestrator.messages import UserError
 
@@ -64,30 +62,3 @@ def replace_atomically(source: Path, target: Path) -> None:
     partial = target.with_name(f".{target.name}.partial")
     shutil.copyfile(source, partial)
     os.replace(partial, target)
-
-
-class StateKeeper(Callback):
-    """Copies each experiment-state snapshot, once complete, to `LAST_COMPLETE` in the experiment folder.
-
-    Tune asks callbacks for their state right after it has written (and closed) the snapshot in
-    its staging folder, and before it copies the snapshot to storage: the staged file is complete then.
-    """
-
-    def __init__(self, experiment_dir: Path) -> None:
-        self.experiment_dir = experiment_dir
-        self._staging: Path | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"experiment_dir": self.experiment_dir, "_staging": None}
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._staging = Path(trial.storage.experiment_driver_staging_path)
-
-    def get_state(self) -> dict[str, Any] | None:
-        staged = newest_state_file(self._staging) if self._staging is not None else None
-        if staged is not None:
-            try:
-                replace_atomically(staged, self.experiment_dir / LAST_COMPLETE)
-            except OSError as err:  # bookkeeping must never stop the sweep; Tune's own file is still there
-                print(f"[distillsweep] could not keep a copy of Tune's experiment state: {err}")
-        return None

@@ -3,18 +3,18 @@ before Ray starts rather than failing every trial (or silently never stopping on
 
 from __future__ import annotations
 
+from typing import get_args
+
 from orchestrator.search import SchedulerConfig, SearchConfig
-from trainables.metrics import METRICS
+from trainables.config import MetricName
 from trainables.objectives import REGISTRY
+from trainables.reported import LOOP_METRICS, MEASURED_METRICS
 from trainables.system_metrics import SYSTEM_PREFIX
-from trainables.training import LOOP_METRICS
 
 # What Tune adds to every result.
 TUNE_METRICS = {"training_iteration", "time_total_s", "time_this_iter_s", "timesteps_total"}
 TIME_ATTRS = {"prediction_step", "training_iteration", "time_total_s", "step", "epoch"}
-# Measurements of the machine at the moment, not results of the training: a step that a restored
-# trial runs again reports the same results but measures these anew.
-MEASURED_METRICS = {"examples_per_second", "peak_memory_mb"}
+TASK_METRICS = get_args(MetricName)
 
 
 def is_measurement(name: str) -> bool:
@@ -23,7 +23,7 @@ def is_measurement(name: str) -> bool:
 
 def reported_metrics() -> set[str]:
     terms = set(REGISTRY)
-    return (LOOP_METRICS | TUNE_METRICS | {f"eval_{m}" for m in METRICS}
+    return (LOOP_METRICS | TUNE_METRICS | {f"eval_{m}" for m in TASK_METRICS}
             | {f"train_{t}" for t in terms} | {f"eval_{t}" for t in terms})
 
 
@@ -34,7 +34,7 @@ def unknown_metric_message(search: SearchConfig, scheduler: SchedulerConfig) -> 
     for name in metrics:
         if name not in known:
             return (f"search.metric {name!r} is not a metric trials report; use score (the task's main "
-                    f"metric), eval_<metric> ({', '.join(sorted('eval_' + m for m in METRICS))}), eval_loss, "
+                    f"metric), eval_<metric> ({', '.join(sorted('eval_' + m for m in TASK_METRICS))}), eval_loss, "
                     "train_loss or train_<objective>")
     if scheduler.type != "none" and scheduler.time_attr not in TIME_ATTRS:
         return (f"scheduler.time_attr {scheduler.time_attr!r} is not a counter trials report; "

@@ -24,7 +24,7 @@ from orchestrator.state import SweepState
 from orchestrator.student_models import STUDENT_ARTIFACT
 from orchestrator.tracking import numeric_metrics, run_params, run_tags
 from orchestrator.trials import TrialTemplate
-from trainables.tune_trainable import RUN_CONFIG
+from trainables.config import RUN_CONFIG
 
 FINISH_WAIT_S = 30.0
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from trainables.training import DIVERGED_MESSAGE
+from trainables.errors import DIVERGED_MESSAGE
 
 OutcomeKind = Literal["completed", "stopped", "failed", "diverged", "running", "pending"]
 OUTCOME_FILE = "outcome.json"

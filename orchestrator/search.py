@@ -28,7 +28,7 @@ from ray.tune.search.optuna import OptunaSearch
 from orchestrator.spaces import DISTRIBUTIONS, Distribution, tune_domain, tune_param_space
 from orchestrator.trials import OptunaSpace, TrialTemplate
 from trainables.config import StrictModel
-from trainables.tune_trainable import RUN_CONFIG
+from trainables.config import RUN_CONFIG
 
 # Tune's own check, which would refuse stage-1 results for lacking `score`.
 STRICT_METRIC_CHECK = "TUNE_DISABLE_STRICT_METRIC_CHECKING"

@@ -9,18 +9,18 @@ from typing import Any
 
 from orchestrator.config import SweepSpec
 from orchestrator.console import RAY_LOG, SweepProgress, TableLog, log_tune_to
-from orchestrator.experiment_state import StateKeeper, repair
+from orchestrator.experiment_state import repair
 from orchestrator.inputs import describe_tasks
 from orchestrator.messages import UserError, first_line, last_line
 from orchestrator.mlflow_callback import SweepTracker, reconcile_with_tune
 from orchestrator.outcome import trial_outcome
 from orchestrator.preflight import validate
 from orchestrator.retention import CheckpointRetention
-from orchestrator.result_files import ResultRowsKeeper
 from orchestrator.search import SCHEDULERS, SEARCHERS, STRICT_METRIC_CHECK
 from orchestrator.state import STATE_FILE, SweepState, sweep_dir, tracking_uri_for
 from orchestrator.teachers import prepare_teachers, resolve_demo_teacher
 from orchestrator.tracking import ensure_experiment, fail_fast_http, registered_source_runs
+from orchestrator.tune_files import ResultRowsKeeper, StateKeeper
 from trainables.tune_trainable import distillation_trial
 
 # Settings trials need wherever they run: offline hub use, caches, and MLflow / object-store

@@ -20,8 +20,7 @@ from pydantic import ValidationError
 
 from orchestrator.messages import describe_error
 from orchestrator.spaces import MIX_KEY, Distribution, objective_of
-from trainables.config import PretrainConfig, RunConfig, set_dotted, task_name_of
-from trainables.tune_trainable import RUN_CONFIG, RUNS
+from trainables.config import CONFIG_OF_RUN, RUN_CONFIG, PretrainConfig, RunConfig, set_dotted, task_name_of
 
 
 def label(value: Any) -> Any:
@@ -153,7 +152,7 @@ class TrialTemplate:
         return decoded
 
     def resolve(self, trial_config: dict[str, Any]) -> RunConfig | PretrainConfig:
-        cfg = resolve_run_config(self.base, self.decode(trial_config), self.per_task, RUNS[self.kind][0])
+        cfg = resolve_run_config(self.base, self.decode(trial_config), self.per_task, CONFIG_OF_RUN[self.kind])
         if cfg.task_name in self.teachers:
             cfg = cfg.model_copy(update={"teacher": self.teachers[cfg.task_name]})
         return cfg
@@ -175,4 +174,4 @@ class TrialTemplate:
             return self.resolve(trial_config)
         if isinstance(resolved, str):
             raise ValueError(resolved)
-        return RUNS[self.kind][0].model_validate(resolved)
+        return CONFIG_OF_RUN[self.kind].model_validate(resolved)

@@ -17,7 +17,8 @@ from trainables.data import load_task_data
 from trainables.run import distill
 from trainables.tasks import demo_task_spec, resolve_task
 from trainables.metrics import METRICS
-from trainables.training import LOOP_METRICS, NonFiniteLossError
+from trainables.errors import NonFiniteLossError
+from trainables.reported import LOOP_METRICS
 
 TRAINING = {"learning_rate": 1e-3, "per_device_train_batch_size": 32, "max_seq_length": 48}
 

@@ -9,7 +9,7 @@ import pytest
 
 from orchestrator.spaces import Distribution
 from orchestrator.trials import OptunaSpace, TrialTemplate, labelled_choices
-from trainables.tune_trainable import RUN_CONFIG
+from trainables.config import RUN_CONFIG
 
 BASE = {"teacher": "some/teacher", "task": "demo", "student": {"num_layers": 2},
         "objectives": [{"name": "kd", "weight": 0.5, "temperature": 2.0}]}

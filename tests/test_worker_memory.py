@@ -12,7 +12,7 @@ from sweep_helpers import ROOT, tiny_space
 from orchestrator.trials import TrialTemplate
 from trainables.config import StudentConfig
 from trainables.models import build_student, live_models
-from trainables.tune_trainable import RUN_CONFIG
+from trainables.config import RUN_CONFIG
 
 pytestmark = pytest.mark.slow
 

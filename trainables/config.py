@@ -366,6 +366,10 @@ class PretrainConfig(RunSettings):
         return {max(1, round(f * self.training.max_steps)) for f in self.save_fractions}
 
 
+RUN_CONFIG = "run_config"  # where a trial's config holds its resolved RunConfig, as JSON
+CONFIG_OF_RUN: dict[str, type[RunConfig] | type[PretrainConfig]] = {"distill": RunConfig, "pretrain": PretrainConfig}
+
+
 def check_against_teacher(
     cfg: RunSettings, teacher_layers: int, teacher_heads: int, teacher_width: int = 0
 ) -> None:

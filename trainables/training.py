@@ -31,6 +31,7 @@ from transformers import PreTrainedModel, get_scheduler
 
 from trainables.config import TrainingConfig
 from trainables.data import TaskData
+from trainables.errors import DIVERGED_MESSAGE, NonFiniteLossError, TrialOutOfMemoryError
 from trainables.distiller import Distiller, StagePlan, task_loss
 from trainables.models import forward_view
 from trainables.teacher_source import TeacherSource
@@ -40,17 +41,6 @@ StepCallback = Callable[[int, int], None]
 CHECKPOINT_STATE = "state.pt"
 CHECKPOINT_PROGRESS = "progress.json"
 BEST_STUDENT = "best_student.pt"  # weights only, for `load_best_model_at_end`
-
-
-DIVERGED_MESSAGE = "loss became non-finite"
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run cannot continue meaningfully."""
-
-
-class TrialOutOfMemoryError(RuntimeError):
-    """The device ran out of memory; the message says what the trial asked of it."""
 
 
 @dataclass
@@ -71,7 +61,7 @@ class RunOutputs:
     """Where the loop puts what it makes, and who hears of it.
 
     directory: checkpoints (the last `keep_checkpoints`) and the best student's weights.
-    reporter: receives every evaluation's metrics (LOOP_METRICS and the per-term and per-metric
+    reporter: receives every evaluation's metrics (reported.LOOP_METRICS and the per-term and per-metric
     names) with the checkpoint saved with them; on_step: (global step, total steps) after each step.
     export_student: saves a loadable student to a path: into the final checkpoint, and at
     `snapshot_steps` under directory/students/ (pre-training keeps students along its budget).
@@ -154,16 +144,6 @@ def adamw_implementation(params: list[torch.Tensor]) -> dict[str, bool]:
     """
     fusable = all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params)
     return {"fused": True} if params and fusable else {}
-
-
-# Every name an evaluation report carries besides `eval_<task metric>` and `train_<term>` /
-# `eval_<term>` of each objective: what `_train_stage`, `evaluate` and `_report` put in it.
-LOOP_METRICS = frozenset({
-    "train_loss", "train_ce", "examples_per_second", "learning_rate",  # _train_stage
-    "score", "eval_loss", "eval_intermediate_loss",  # evaluate
-    "step", "stage", "total_steps", "epoch", "peak_memory_mb", "student_parameters",  # _report
-    "prediction_step", "best_score",  # _report, in the prediction stage
-})
 
 
 class DistillationLoop:

@@ -22,16 +22,16 @@ from typing import Any
 import torch
 from ray import tune
 
-from trainables.config import PretrainConfig, RunConfig
+from trainables.config import CONFIG_OF_RUN, RUN_CONFIG
 from trainables.launch import run_data_parallel
 from trainables.models import live_models
 from trainables.pretrain import pretrain
 from trainables.run import distill
 from trainables.system_metrics import SystemSampler
-from trainables.training import BEST_STUDENT, NonFiniteLossError
+from trainables.errors import NonFiniteLossError
+from trainables.training import BEST_STUDENT
 
-RUN_CONFIG = "run_config"  # where a trial's config holds its resolved RunConfig, as JSON
-RUNS = {"distill": (RunConfig, distill), "pretrain": (PretrainConfig, pretrain)}
+RUNS = {"distill": distill, "pretrain": pretrain}
 DIVERGED_MARKER = "diverged.txt"
 RESTORED_CHECKPOINT = "restored_checkpoint"
 
@@ -46,7 +46,7 @@ def distillation_trial(config: dict[str, Any], kind: str = "distill", cpus_per_t
     resolved = config[RUN_CONFIG]
     if isinstance(resolved, str):
         raise ValueError(resolved)
-    config_class, run = RUNS[kind]
+    config_class, run = CONFIG_OF_RUN[kind], RUNS[kind]
     torch.set_num_threads(max(1, cpus_per_trial))
     trial_dir = Path(tune.get_context().get_trial_dir()).resolve()
     # The run writes outside the trial folder: on the driver's node that folder can be Tune's staging
