@@ -411,9 +411,14 @@ def first_row_after(experiment_dir: Path, killed_at: float) -> float | None:
 @dataclass
 class Watch:
     """What Tune has written: when each trial reached its budget, when results last arrived, and
-    the experiment-state size as trials accumulate."""
+    the experiment-state size as trials accumulate.
+
+    Results are read from the drivers' staging folders under the cluster's temp dir, where Tune
+    writes each as it arrives; it copies them to the sweep folder only at its snapshots (10 s or
+    more apart), by when the trials the faults should hit may have ended."""
 
     folder: Path
+    ray_temp_dir: Path
     sizes: dict[Path, int] = field(default_factory=dict)
     done_at: dict[str, float] = field(default_factory=dict)
     last_pid: dict[str, int] = field(default_factory=dict)
@@ -421,7 +426,7 @@ class Watch:
     state_series: list[tuple[float, int, int]] = field(default_factory=list)
 
     def poll(self) -> None:
-        for path in self.folder.glob("*/result.json"):
+        for path in self.ray_temp_dir.glob(f"session_*/artifacts/*/{self.folder.name}/driver_artifacts/*/result.json"):
             with contextlib.suppress(OSError):
                 size = path.stat().st_size
                 if size == self.sizes.get(path):
@@ -562,11 +567,11 @@ class Rehearsal:
         self.size_name, self.size, self.out = size_name, SIZES[size_name], out
         self.env = base_env(out / "cache")
         self.sweep_dir = out / "sweeps" / SWEEP_NAME
-        self.watch = Watch(self.sweep_dir)
         self.events: dict[str, Any] = {}
         self.drivers: list[Driver] = []
         self.mlflow = MlflowServer(out, self.env)
         self.cluster = RayCluster(self.env, out)
+        self.watch = Watch(self.sweep_dir, self.cluster.temp_dir)
 
     def checkpointed_trial_on_worker(self) -> bool:
         on_worker = self.cluster.worker_pids()

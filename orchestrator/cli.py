@@ -30,14 +30,12 @@ from trainables.config import read_yaml
 
 def prepare_libraries() -> None:
     """Library progress bars and load reports drown ours (warnings and errors still show); a dead
-    tracking server is reported in seconds."""
-    import datasets
-    import transformers
-
+    tracking server is reported in seconds. Set as the environment's defaults, which the libraries
+    read when a command imports them (`status` and `report` never do) and a user's own settings win."""
     fail_fast_http()
-    datasets.disable_progress_bars()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    for name, value in (("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                        ("TRANSFORMERS_VERBOSITY", "error")):
+        os.environ.setdefault(name, value)
 
 
 app = typer.Typer(
@@ -323,10 +321,11 @@ def report(
 ) -> None:
     """Print and save the study's tables and figures (Markdown, CSV, SVG, report.html) and log them
     to the sweep's MLflow run."""
-    from orchestrator.report import build_report
-    from orchestrator.study import STUDY_FILE, study_report
+    from orchestrator.state import STUDY_FILE
 
     if (sweep_dir / STUDY_FILE).exists():
+        from orchestrator.study import study_report
+
         md_path, markdown = study_report(sweep_dir)
         Console().print(markdown)
         console.print(f"saved {md_path}")
@@ -334,6 +333,8 @@ def report(
 
     if value not in ("best_score", "final_score"):
         raise UserError(f"--value {value!r}: expected best_score or final_score")
+    from orchestrator.report import build_report
+
     md_path, csv_path, markdown, logged = build_report(sweep_dir, value, include_stopped)
     Console().print(markdown)
     console.print(f"saved {md_path.parent / 'report.html'} (tables and figures) and {csv_path}"

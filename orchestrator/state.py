@@ -20,6 +20,7 @@ from orchestrator.trials import TrialTemplate, labelled_choices
 
 STATE_FILE = "distillsweep.json"
 OPTUNA_DB = "optuna.db"
+STUDY_FILE = "study.json"  # marks a study folder (orchestrator.study), whose stages are sweeps
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,11 @@ from orchestrator.messages import UserError
 from orchestrator.preflight import validate
 from orchestrator.report import markdown_table, read_trials
 from orchestrator.search import SchedulerConfig, SearchConfig
-from orchestrator.state import STATE_FILE, SweepState, sweep_dir
+from orchestrator.state import STATE_FILE, STUDY_FILE, SweepState, sweep_dir
 from orchestrator.student_models import STUDENT_ARTIFACT
 from orchestrator.sweep import resume_sweep, start_sweep
 from trainables.config import StrictModel, read_yaml, set_dotted
 
-STUDY_FILE = "study.json"
 PLACEHOLDER_STUDENT = "models:/stage-1-student/1"
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -9,6 +11,7 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
+from sweep_helpers import cli_env
 
 runner = CliRunner()
 
@@ -101,3 +104,15 @@ def test_teacher_from_mlflow_model_uri_loads(tiny_demo_teacher, tmp_path, monkey
     client.log_artifacts(run.info.run_id, tiny_demo_teacher, "teacher")
     model = load_teacher(f"runs:/{run.info.run_id}/teacher", num_labels=2)
     assert model.config.num_hidden_layers == 4
+
+
+def test_cli_output_holds_no_library_progress_bars(tiny_demo_teacher, demo_cache, tmp_path):
+    """The CLI turns off Hugging Face's bars through the environment, before any command imports them."""
+    config = write_config(tmp_path / "run.yaml", tiny_demo_teacher, demo_cache)
+    env = {k: v for k, v in cli_env(demo_cache).items()
+           if k not in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY")}
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(config)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "final metrics" in done.stdout + done.stderr
+    assert "Loading weights" not in done.stderr and "it/s]" not in done.stderr, done.stderr[-3000:]
