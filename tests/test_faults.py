@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from orchestrator.journal import JOURNAL_FILE, undelivered
@@ -45,8 +46,8 @@ def finish(driver: subprocess.Popen, timeout: float = 900) -> str:
     return out
 
 
-def journaled_metrics(folder: Path, since: float = 0.0) -> int:
-    """Evaluations the driver has journaled that were reported after `since` (epoch seconds).
+def journaled(folder: Path, since: float = 0.0) -> list[dict]:
+    """The evaluations the driver has journaled that were reported after `since` (epoch seconds).
 
     Unlike result.json in the sweep folder, which Tune updates only at its snapshots (by when
     these short trials may have ended), the journal is written as each result arrives."""
@@ -54,7 +55,22 @@ def journaled_metrics(folder: Path, since: float = 0.0) -> int:
     text = journal.read_text() if journal.is_file() else ""
     complete = text[: text.rfind("\n") + 1].splitlines()  # the driver may be writing the last line
     records = [json.loads(line) for line in complete]
-    return sum(r["op"] == "metrics" and r["time"] >= since * 1000 for r in records)
+    return [r for r in records if r["op"] == "metrics" and r["time"] >= since * 1000]
+
+
+def journaled_metrics(folder: Path, since: float = 0.0) -> int:
+    return len(journaled(folder, since))
+
+
+def trials_past(folder: Path, step: int) -> int:
+    """How many trials have journaled an evaluation at `step` or later."""
+    return len({r["key"] for r in journaled(folder) if r["step"] >= step})
+
+
+def trial_processes() -> list[int]:
+    """The processes of the Ray actors running Tune trials (function trainables) on this machine."""
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any(part.startswith("ray::ImplicitFunc") for part in p.info["cmdline"] or [])]
 
 
 def long_space(teacher: str, tmp: Path, **fields) -> dict:
@@ -63,32 +79,33 @@ def long_space(teacher: str, tmp: Path, **fields) -> dict:
     return spec
 
 
-def test_killed_trial_process_resumes_from_its_checkpoint(tiny_demo_teacher, demo_cache, tmp_path):
+def test_killed_trial_processes_resume_from_their_checkpoints(tiny_demo_teacher, demo_cache, tmp_path):
     spec = long_space(tiny_demo_teacher, tmp_path, space={"training.seed": {"grid": [1, 2]}}, max_failures=2)
+    spec["base"]["training"].update(max_steps=120)  # about 10 s here: the kill lands mid-training
     driver = start_sweep(write_space(spec, tmp_path / "s.yaml"), demo_cache, tmp_path)
     folder = tmp_path / "sweeps" / "tiny"
 
-    def running_trial():
-        for trial, rows in trial_results(folder).items():
-            if 2 <= len(rows) and rows[-1]["step"] < 30:
-                return trial, rows[-1]["pid"], rows[-1]["step"]
-        return None
-
-    trial, pid, step_at_kill = wait_for(running_trial, what="a trial with two evaluations")
-    os.kill(pid, signal.SIGKILL)
+    # Both trials (one per CPU) past their second evaluation, so each holds a checkpoint.
+    wait_for(lambda: trials_past(folder, 8) == 2, what="two trials with two evaluations")
+    killed = trial_processes()
+    assert len(killed) == 2, killed
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
     finish(driver)
 
-    steps = [row["step"] for row in trial_results(folder)[trial]]
-    assert steps[-1] == 40
-    assert steps.count(4) == 1, f"the trial restarted from zero: {steps}"
-    assert sorted(set(steps)) == list(range(4, 41, 4)), f"Tune's result.json lost rows on the retry: {steps}"
-    assert len(steps) > len(set(steps)) or steps == sorted(steps)
+    results = trial_results(folder)
     uri = spec["tracking"]["uri"]
     _, children = sweep_runs(uri, "tests")
-    assert len(children) == 2
-    child = next(c for c in children if c.data.tags["ray_trial_id"] == trial)
-    assert metric_steps(uri, child.info.run_id) == list(range(4, 41, 4))
-    assert child.info.status == "FINISHED"
+    assert len(results) == len(children) == 2
+    for trial, rows in results.items():
+        steps = [row["step"] for row in rows]
+        assert rows[0]["pid"] in killed and rows[-1]["pid"] not in killed, "the trial ran on in a new process"
+        assert steps[-1] == 120
+        assert steps.count(4) == 1, f"the trial restarted from zero: {steps}"
+        assert sorted(set(steps)) == list(range(4, 121, 4)), f"Tune's result.json lost rows on the retry: {steps}"
+        child = next(c for c in children if c.data.tags["ray_trial_id"] == trial)
+        assert metric_steps(uri, child.info.run_id) == list(range(4, 121, 4))
+        assert child.info.status == "FINISHED"
     assert_mlflow_holds_what_tune_holds(uri, folder)
 
 
@@ -216,8 +233,7 @@ def test_lost_worker_node_moves_its_trials_to_the_head(tiny_demo_teacher, demo_c
             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         folder = tmp_path / "sweeps" / "tiny"
-        wait_for(lambda: sum(1 for rows in trial_results(folder).values() if rows[-1]["step"] >= 8) >= 2,
-                 what="two trials running, one of them on the worker node")
+        wait_for(lambda: trials_past(folder, 8) >= 2, what="two trials running, one of them on the worker node")
         # The whole port number: a prefix would also match another cluster's raylet on this machine.
         raylet = subprocess.run(["pgrep", "-f", f"node_manager_port={worker_port}([^0-9]|$)"],
                                 capture_output=True, text=True)
