@@ -17,6 +17,7 @@ from trainables.data import load_task_data
 from trainables.run import distill
 from trainables.tasks import demo_task_spec, resolve_task
 from trainables.metrics import METRICS
+from trainables.precision import precision_here
 from trainables.errors import NonFiniteLossError
 from trainables.reported import LOOP_METRICS
 
@@ -149,12 +150,10 @@ def test_teacher_request_is_reused_the_second_time(tiny_demo_teacher, demo_cache
     assert reused and str(path) == tiny_demo_teacher
 
 
-def test_untrained_teacher_head_is_refused(demo_cache, tmp_path):
-    from transformers import BertModel
-
+def test_untrained_teacher_head_is_refused(tiny_bert, tmp_path):
     from trainables.models import load_teacher
 
-    BertModel.from_pretrained(demo_cache / "tiny-base").save_pretrained(tmp_path / "headless")
+    tiny_bert.bert.save_pretrained(tmp_path / "headless")  # the encoder alone, as a base model is published
     with pytest.raises(ValueError, match="no trained classification head"):
         load_teacher(str(tmp_path / "headless"), num_labels=2)
 
@@ -221,15 +220,20 @@ def test_metric_for_best_model_the_task_does_not_report_is_refused(tiny_demo_tea
 
 
 def saved_student_eval_loss(cfg: RunConfig) -> float:
-    """The validation loss of the student a run saved, computed here in one process."""
+    """The validation loss of the student a run saved, computed here in one process.
+
+    In the run's precision and eval batches: under bf16 autocast the run's evaluations multiply in
+    bf16, and an fp32 evaluation of the very same weights differs from them by that rounding."""
     path = cfg.output_dir / "student"
     student = AutoModelForSequenceClassification.from_pretrained(path).eval()
     data = load_task_data(resolve_task(cfg.task), AutoTokenizer.from_pretrained(path), cfg.training, cfg.cache_dir)
+    in_bf16 = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision_here(cfg.training) == "bf16")
     total = 0.0
-    with torch.no_grad():
-        for batch in DataLoader(data.validation, batch_size=64, collate_fn=data.collate):
+    with torch.no_grad(), in_bf16:
+        for batch in DataLoader(data.validation, batch_size=cfg.training.per_device_eval_batch_size,
+                                collate_fn=data.collate):
             inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-            total += task_loss(student(**inputs).logits, batch["labels"]).item() * len(batch["labels"])
+            total += task_loss(student(**inputs).logits.float(), batch["labels"]).item() * len(batch["labels"])
     return total / len(data.validation)
 
 
@@ -255,10 +259,13 @@ def test_two_stage_data_parallel_run_trains_the_classifier_in_stage_two_alike_on
 
 
 
+# Both precisions on every CPU: `auto` resolves to bf16 on CPUs with AMX and to fp32 elsewhere.
+@pytest.mark.parametrize("precision", [{"mixed_precision": "no"}, {"bf16": True}], ids=["fp32", "bf16"])
 def test_load_best_model_at_end_saves_the_student_of_the_best_evaluation_also_after_a_resume(
-    tiny_demo_teacher, demo_cache, tmp_path
+    tiny_demo_teacher, demo_cache, tmp_path, precision
 ):
-    fields = {"training": {"learning_rate": 1e-2, "max_steps": 16, "eval_steps": 2, "load_best_model_at_end": True}}
+    fields = {"training": {"learning_rate": 1e-2, "max_steps": 16, "eval_steps": 2, "load_best_model_at_end": True,
+                           **precision}}
     cfg = run_config(tiny_demo_teacher, demo_cache, tmp_path / "run", **fields)
     reports: list[dict] = []
     saved: list[Path] = []
@@ -277,4 +284,4 @@ def test_load_best_model_at_end_saves_the_student_of_the_best_evaluation_also_af
     # before the crash, so its weights had to travel through the checkpoint the run resumed from.
     best = max(reports, key=lambda r: r["score"])  # the first of equal scores, as the run keeps it
     assert best["step"] < 16 and best["eval_loss"] != reports[-1]["eval_loss"], "the last evaluation is the best"
-    assert saved_student_eval_loss(cfg) == pytest.approx(best["eval_loss"], rel=1e-5)
+    assert saved_student_eval_loss(cfg) == pytest.approx(best["eval_loss"], rel=1e-6)
