@@ -379,11 +379,14 @@ def ui(
 
 @app.command()
 @user_errors
-def sync(sweep_dir: Annotated[Path, typer.Argument(help="the sweep folder")]) -> None:
+def sync(
+    sweep_dir: Annotated[Path, typer.Argument(help="the sweep folder")],
+    attempts: Annotated[int, typer.Option(min=1, help="tries while the server does not answer (backing off 2, 4, 8 s ...)")] = 4,
+) -> None:
     """Send MLflow the records of a sweep that it does not hold yet (e.g. after the server was down)."""
     from orchestrator.mlflow_callback import sync_journal
 
-    delivery = sync_journal(sweep_dir)
+    delivery = sync_journal(sweep_dir, attempts)
     console.print(f"sent {delivery.sent} MLflow records" + (f"; {delivery.left} still unsent" if delivery.left else ""))
     for reason in delivery.dropped:
         console.print(f"MLflow rejected: {reason}")

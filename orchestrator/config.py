@@ -37,6 +37,11 @@ class Resources(StrictModel):
 class TrackingConfig(StrictModel):
     uri: str | None = Field(default=None, description="None: $MLFLOW_TRACKING_URI or SQLite in the storage folder")
     experiment: str = "distillsweep"
+    finish_wait_s: float = Field(
+        default=30.0, ge=0,
+        description="how long a sweep's end waits for a tracking server that does not answer; what it has not "
+        "taken stays in the sweep's journal for `distillsweep sync`",
+    )
 
 
 class TeacherFinetune(StrictModel):

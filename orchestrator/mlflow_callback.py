@@ -26,9 +26,6 @@ from orchestrator.tracking import numeric_metrics, run_params, run_tags
 from orchestrator.trials import TrialTemplate
 from trainables.config import RUN_CONFIG
 
-FINISH_WAIT_S = 30.0
-
-
 class SweepTracker(Callback):
     def __init__(
         self,
@@ -138,10 +135,10 @@ class SweepTracker(Callback):
         self.journal.append({"op": "end", "key": key, "status": outcome.mlflow_status})
         write_outcome(trial, outcome)
 
-    def finish(self) -> int:
-        """Give the journal a while to reach MLflow; what is left stays on disk for `distillsweep sync`."""
+    def finish(self, wait_s: float) -> int:
+        """Give the journal `wait_s` to reach MLflow; what is left stays on disk for `distillsweep sync`."""
         journal = self.journal
-        left = journal.drain(FINISH_WAIT_S)
+        left = journal.drain(wait_s)
         error = journal.last_error
         journal.close()
         if left:
@@ -192,7 +189,7 @@ def reconcile_with_tune(journal: Journal, experiment_dir: Path, sweep_name: str)
     return added
 
 
-def sync_journal(sweep_dir: Path) -> Delivery:
+def sync_journal(sweep_dir: Path, attempts: int = 4) -> Delivery:
     """Send MLflow what the sweep's journal (and Tune's files) hold and MLflow lacks, checking each
     run first so nothing is logged twice; the parent run ends here if its sweep had ended."""
     state = SweepState.load(sweep_dir)
@@ -200,7 +197,7 @@ def sync_journal(sweep_dir: Path) -> Delivery:
     try:
         if not state.storage.is_remote:
             reconcile_with_tune(journal, state.experiment_dir, state.sweep_spec.name)
-        return journal.deliver_all()
+        return journal.deliver_all(attempts)
     finally:
         journal.close()
 

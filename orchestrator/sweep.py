@@ -210,7 +210,7 @@ def run_tuner(state: SweepState, address: str | None, restore: bool, retry_error
         )
         tracker.journal.append({"op": "end", "key": "sweep", "status": "FAILED" if every_trial_failed else "FINISHED"})
     finally:
-        tracker.finish()  # an interrupted sweep's records stay journaled for `resume` or `sync`
+        tracker.finish(spec.tracking.finish_wait_s)  # an interrupted sweep's records stay journaled for `resume` or `sync`
     finished = len(results) - len(failed)
     print(f"[distillsweep] {finished} of {len(results)} trials finished ({finished - stopped} completed their budget, "
           f"{stopped} stopped early by the scheduler), {len(failed)} failed")
