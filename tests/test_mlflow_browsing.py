@@ -9,11 +9,8 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -24,6 +21,7 @@ import torch
 from mlflow import MlflowClient
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from services import answers, free_port, wait_for
 from sweep_helpers import cli_env, distillsweep, sweep_runs, tiny_space, write_space
 from trainables.models import resolve_model_source
 
@@ -34,37 +32,27 @@ TRAINING_TABS = ("Runs", "Models", "Model registry")
 
 
 @pytest.fixture(scope="module")
-def finished_sweep(tiny_demo_teacher, demo_cache, tmp_path_factory) -> Path:
+def finished_sweep(tiny_demo_teacher, demo_cache, tmp_path_factory, ray_address) -> Path:
     """A tiny two-trial sweep, run through the CLI; returns its working folder."""
     work = tmp_path_factory.mktemp("browsed")
     spec = tiny_space(tiny_demo_teacher, work, log_students=True)
-    done = distillsweep(["sweep", str(write_space(spec, work / "space.yaml"))], demo_cache, work)
+    done = distillsweep(["sweep", str(write_space(spec, work / "space.yaml"))], demo_cache, work,
+                        ray_address=ray_address)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "did not take" not in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
     return work
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
-
-
-def rendered_text(url: str) -> str:
-    """The page's DOM after its scripts ran, as text lines."""
+@pytest.fixture
+def chromium() -> str:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert browser, "chromium is not installed (.ci/run installs it with apt-get)"
+    if not browser:
+        pytest.skip("no headless browser here: install chromium (Debian: apt-get install chromium), or run .ci/run")
+    return browser
+
+
+def rendered_text(browser: str, url: str) -> str:
+    """The page's DOM after its scripts ran, as text lines."""
     dom = subprocess.run(
         [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000", "--dump-dom", url],
         capture_output=True, text=True, timeout=180,
@@ -73,7 +61,7 @@ def rendered_text(url: str) -> str:
     return "\n".join(line.strip() for line in re.sub(r"<[^>]+>", "\n", text).splitlines() if line.strip())
 
 
-def test_ui_prints_the_sweeps_training_runs_page_with_every_run(finished_sweep, demo_cache):
+def test_ui_prints_the_sweeps_training_runs_page_with_every_run(chromium, finished_sweep, demo_cache):
     port = free_port()
     ui = subprocess.Popen(
         [sys.executable, "-m", "orchestrator.cli", "ui", str(finished_sweep / "sweeps" / "tiny"), "--port", str(port)],
@@ -84,8 +72,10 @@ def test_ui_prints_the_sweeps_training_runs_page_with_every_run(finished_sweep, 
         printed = "".join(ui.stdout.readline() for _ in range(2))
         page = re.search(r"http://127\.0\.0\.1:\d+/#/experiments/\d+/runs\S*", printed)
         assert page, f"no runs-page URL in: {printed!r}"
-        wait_for(f"http://127.0.0.1:{port}/health", timeout=120)
-        text = rendered_text(page.group(0))
+        wait_for(lambda: ui.poll() is not None or answers(f"http://127.0.0.1:{port}/health"),
+                 what="`distillsweep ui` to answer", timeout=180)
+        assert ui.poll() is None, f"`distillsweep ui` exited with {ui.returncode}"
+        text = rendered_text(chromium, page.group(0))
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=30)
