@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +14,17 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from orchestrator.journal import JOURNAL_FILE
 from orchestrator.report import read_result_rows
 from orchestrator.metric_names import is_measurement
 from orchestrator.mlflow_callback import TUNE_BOOKKEEPING
+from services import kill_group
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cli_env(cache: Path) -> dict[str, str]:
+def cli_env(cache: Path, ray_address: str | None = None) -> dict[str, str]:
+    """The CLI's environment: offline, one thread; on the Ray cluster at `ray_address`, else a private one."""
     env = dict(os.environ)
     env.update(
         DISTILLSWEEP_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
@@ -27,14 +32,53 @@ def cli_env(cache: Path) -> dict[str, str]:
     )
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
+    if ray_address:
+        env.update(RAY_ADDRESS=ray_address, RAY_AUTH_MODE="token")
     return env
 
 
-def distillsweep(args: list[str], cache: Path, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+def distillsweep(args: list[str], cache: Path, cwd: Path, timeout: float = 900,
+                 ray_address: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=cli_env(cache),
+        [sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=cli_env(cache, ray_address),
         capture_output=True, text=True, timeout=timeout,
     )
+
+
+def distillsweep_together(calls: list[tuple[list[str], Path]], cache: Path, ray_address: str | None = None,
+                          timeout: float = 900) -> list[subprocess.CompletedProcess]:
+    """Several CLI commands at once, each in its folder: on a shared cluster their sweeps overlap
+    their start-up (imports, worker processes), which is most of a tiny sweep's time."""
+    processes = []
+    try:
+        for args, cwd in calls:
+            out, err = (open(cwd / f"cli.{stream}", "w+") for stream in ("out", "err"))
+            processes.append((subprocess.Popen(
+                [sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=cli_env(cache, ray_address),
+                stdout=out, stderr=err, text=True, start_new_session=True), out, err))
+        for process, _, _ in processes:
+            process.wait(timeout=timeout)
+    finally:
+        for process, _, _ in processes:
+            kill_group(process)
+    done = []
+    for process, out, err in processes:
+        out.seek(0), err.seek(0)
+        done.append(subprocess.CompletedProcess(process.args, process.returncode, out.read(), err.read()))
+        out.close(), err.close()
+    return done
+
+
+STORE_TEMPLATE: list[Path] = []  # set once per session by conftest's `mlflow_store_template`
+
+
+def sqlite_store(folder: Path) -> str:
+    """The URI of a SQLite MLflow store in `folder`, copied from the session's empty, migrated one:
+    MLflow takes about 2 s to create and migrate each new store's tables."""
+    path = folder / "mlflow.db"
+    if STORE_TEMPLATE and not path.exists():
+        shutil.copyfile(STORE_TEMPLATE[0], path)
+    return f"sqlite:///{path}"
 
 
 def tiny_space(teacher: str, tmp: Path, **fields: Any) -> dict[str, Any]:
@@ -53,7 +97,7 @@ def tiny_space(teacher: str, tmp: Path, **fields: Any) -> dict[str, Any]:
         "resources": {"cpu": 1},
         "max_concurrent_trials": 2,
         "storage": str(tmp / "sweeps"),
-        "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "tests"},
+        "tracking": {"uri": sqlite_store(tmp), "experiment": "tests"},
     }
     spec.update(fields)
     return spec
@@ -109,3 +153,40 @@ def assert_mlflow_holds_what_tune_holds(uri: str, folder: Path) -> None:
                 assert any(metric.value == pytest.approx(v) for v in expected[metric.step]), (name, metric.step)
         assert child.info.status in ("FINISHED", "KILLED"), child.info.status
     assert parent.info.status == "FINISHED"
+
+
+def trial_results(experiment_dir: Path) -> dict[str, list[dict]]:
+    """trial id -> its reported rows, from Tune's result.json files."""
+    out = {}
+    for path in experiment_dir.glob("*/result.json"):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if rows:
+            out[rows[0]["trial_id"]] = rows
+    return out
+
+
+def journal_tail(folder: Path) -> str:
+    """What a timed-out wait saw: the journal's last lines."""
+    journal = folder / JOURNAL_FILE
+    return "\n".join(journal.read_text().splitlines()[-3:]) if journal.is_file() else "no journal yet"
+
+
+def journaled(folder: Path, since: float = 0.0) -> list[dict]:
+    """The evaluations the driver has journaled that were reported after `since` (epoch seconds).
+
+    Unlike result.json in the sweep folder, which Tune updates only at its snapshots (by when
+    these short trials may have ended), the journal is written as each result arrives."""
+    journal = folder / JOURNAL_FILE
+    text = journal.read_text() if journal.is_file() else ""
+    complete = text[: text.rfind("\n") + 1].splitlines()  # the driver may be writing the last line
+    records = [json.loads(line) for line in complete]
+    return [r for r in records if r["op"] == "metrics" and r["time"] >= since * 1000]
+
+
+def journaled_metrics(folder: Path, since: float = 0.0) -> int:
+    return len(journaled(folder, since))
+
+
+def trials_past(folder: Path, step: int) -> int:
+    """How many trials have journaled an evaluation at `step` or later."""
+    return len({r["key"] for r in journaled(folder) if r["step"] >= step})

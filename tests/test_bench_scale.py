@@ -28,6 +28,7 @@ def test_smallest_rehearsal_keeps_every_trial_and_evaluation_exactly_once(tmp_pa
     env.pop("MLFLOW_TRACKING_URI", None)
     done = subprocess.run([sys.executable, "-m", "bench.scale", "--size", "smallest", "--out", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    assert (out / "scale.json").is_file(), f"no scale.json (rc {done.returncode})\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     result = json.loads((out / "scale.json").read_text())
     failed = {name: check["detail"] for name, check in result["consistency"]["checks"].items() if not check["ok"]}
     assert done.returncode == 0 and not failed, f"{failed}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"

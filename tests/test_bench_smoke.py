@@ -26,14 +26,14 @@ def bench_cache(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", BENCHMARKS)
-def test_benchmark_runs_at_smallest_size(name, bench_cache, tmp_path):
+def test_benchmark_runs_at_smallest_size(name, bench_cache, tmp_path, ray_address):
     if name == "throughput" and importlib.util.find_spec("torchdistill") is None:
         pytest.skip("the throughput benchmark needs torchdistill: pip install --no-deps torchdistill==1.1.5")
     out = tmp_path / f"{name}.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0"}
-    env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(RAY_ADDRESS=ray_address, RAY_AUTH_MODE="token")  # the benches that sweep join the tests' cluster
     proc = subprocess.run(
         [sys.executable, "-m", f"bench.{name}", "--size", "smallest", "--out", str(out), "--cache-dir", str(bench_cache)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,

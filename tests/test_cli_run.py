@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from sweep_helpers import cli_env
+from sweep_helpers import cli_env, sqlite_store
 
 runner = CliRunner()
 
@@ -34,7 +34,7 @@ def write_config(path: Path, teacher: str, cache: Path, **fields) -> Path:
 
 def test_run_logs_params_metric_history_and_student_to_mlflow(tiny_demo_teacher, demo_cache, tmp_path):
     config = write_config(tmp_path / "run.yaml", tiny_demo_teacher, demo_cache)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     result = runner.invoke(app, ["run", str(config), "--mlflow", "--tracking-uri", uri, "--experiment", "cli"])
     assert result.exit_code == 0, result.output
     assert "final metrics" in result.output and "eval_accuracy" in result.output
@@ -64,16 +64,16 @@ def test_two_stage_run_shows_stage_one_losses_then_scores(tiny_demo_teacher, dem
     assert "step      4  stage 1 eval loss" in lines[0] and "step      8  score" in lines[1]
 
 
-def test_unknown_objective_is_a_message_not_a_traceback(tiny_demo_teacher, demo_cache, tmp_path):
-    config = write_config(tmp_path / "run.yaml", tiny_demo_teacher, demo_cache, objectives=[{"name": "attn_kl"}])
+def test_unknown_objective_is_a_message_not_a_traceback(teacher_dir, demo_cache, tmp_path):
+    config = write_config(tmp_path / "run.yaml", teacher_dir, demo_cache, objectives=[{"name": "attn_kl"}])
     result = runner.invoke(app, ["run", str(config)])
     assert result.exit_code == 2
     assert "objectives.0.name" in result.output and "attn_kl" in result.output
     assert "Traceback" not in result.output
 
 
-def test_init_layers_beyond_teacher_are_rejected_before_training(tiny_demo_teacher, demo_cache, tmp_path):
-    config = write_config(tmp_path / "run.yaml", tiny_demo_teacher, demo_cache, student={"num_layers": 2, "init": [3, 4]})
+def test_init_layers_beyond_teacher_are_rejected_before_training(teacher_dir, demo_cache, tmp_path):
+    config = write_config(tmp_path / "run.yaml", teacher_dir, demo_cache, student={"num_layers": 2, "init": [3, 4]})
     result = runner.invoke(app, ["run", str(config)])
     assert result.exit_code == 2
     assert "student.init [3, 4]: teacher has 4 layers (0-3)" in " ".join(result.output.split())
@@ -96,7 +96,7 @@ def test_teacher_command_reuses_a_teacher_trained_before(tiny_demo_teacher, demo
 def test_teacher_from_mlflow_model_uri_loads(tiny_demo_teacher, tmp_path, monkeypatch):
     from trainables.models import load_teacher
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     client = MlflowClient(uri)
     experiment = client.create_experiment("teachers", artifact_location=(tmp_path / "artifacts").as_uri())

@@ -25,6 +25,8 @@ import jsonschema
 import pytest
 import yaml
 
+from services import POLL_S, LocalCluster, free_port, processes_mentioning, script_env
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 LAUNCHER = CLUSTER / "aws-gpu.yaml"
@@ -32,42 +34,13 @@ RAYJOB = CLUSTER / "kuberay-rayjob.yaml"
 SBATCH = CLUSTER / "slurm" / "distillsweep.sbatch"
 START = CLUSTER / "local" / "start-cluster.sh"
 STOP = CLUSTER / "local" / "stop-cluster.sh"
-VENV_BIN = Path(sys.executable).parent
-
-
-def script_env(**extra: str) -> dict[str, str]:
-    """This environment, with the venv's `ray` and `distillsweep` first on PATH."""
-    env = dict(os.environ)
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(extra)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def processes_mentioning(text: str) -> list[str]:
-    """Command lines of live processes that contain `text` (Ray's daemons name their session dir)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline:
-            found.append(f"{entry.name}: {cmdline[:200]}")
-    return found
 
 
 def wait_until_gone(text: str, timeout: float = 20.0) -> list[str]:
+    """The processes still mentioning `text` after they had `timeout` seconds to end (none: all ended)."""
     deadline = time.monotonic() + timeout
     while (left := processes_mentioning(text)) and time.monotonic() < deadline:
-        time.sleep(0.5)
+        time.sleep(POLL_S)
     return left
 
 
@@ -313,21 +286,11 @@ def test_sbatch_dry_run_starts_ray_validates_the_sweep_and_stops():
 @pytest.fixture
 def local_cluster():
     """Head + 1 worker on a free port and a private temp folder; always stopped afterwards."""
-    temp_dir = tempfile.mkdtemp(prefix="dslc", dir="/tmp")
-    env = script_env(
-        RAY_PORT=str(free_port()), RAY_TEMP_DIR=temp_dir, NUM_WORKERS="1", CPUS_PER_WORKER="1", HEAD_CPUS="1"
-    )
+    cluster = LocalCluster.start(head_cpus=1, workers=1, cpus_per_worker=1)
     try:
-        started = subprocess.run([str(START)], env=env, capture_output=True, text=True, timeout=150)
-        yield env, started
+        yield cluster.env, cluster.started
     finally:
-        stopped = subprocess.run([str(STOP)], env=env, capture_output=True, text=True, timeout=90)
-        leftovers = wait_until_gone(temp_dir)
-        for line in leftovers:
-            os.kill(int(line.split(":")[0]), 9)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        assert stopped.returncode == 0, stopped.stderr
-        assert leftovers == [], leftovers
+        assert cluster.stop() == [], "processes of the cluster outlived stop-cluster.sh"
 
 
 @pytest.mark.slow

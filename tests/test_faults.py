@@ -3,7 +3,6 @@ server that dies and comes back, and a diverging trial. Nothing finished may be 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,63 +13,57 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.journal import JOURNAL_FILE, undelivered
+from orchestrator.journal import undelivered
+from services import LocalCluster, free_port, kill_group, start_mlflow_server, wait_for
 from sweep_helpers import (
-    assert_mlflow_holds_what_tune_holds, cli_env, distillsweep, metric_steps, sweep_runs, tiny_space, write_space,
+    assert_mlflow_holds_what_tune_holds, cli_env, distillsweep, distillsweep_together, journal_tail,
+    journaled_metrics, metric_steps, sweep_runs, tiny_space, trial_results, trials_past, write_space,
 )
-from test_sweep_e2e import free_port, start_mlflow_server, trial_results
 
 pytestmark = pytest.mark.slow
 
 
-def start_sweep(space_file: Path, cache: Path, cwd: Path, *args: str) -> subprocess.Popen:
+def start_cli(args: list[str], cache: Path, cwd: Path, ray_address: str | None) -> subprocess.Popen:
+    """The CLI as a process of its own session, so that `stop` takes down all it started."""
     return subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "sweep", str(space_file), *args], cwd=cwd, env=cli_env(cache),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=cli_env(cache, ray_address),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
 
 
-def wait_for(predicate, timeout: float = 600, what: str = "condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    pytest.fail(f"timed out waiting for {what}")
-
-
-def finish(driver: subprocess.Popen, timeout: float = 900) -> str:
-    out, _ = driver.communicate(timeout=timeout)
+def finish(driver: subprocess.Popen, timeout: float = 600) -> str:
+    try:
+        out, _ = driver.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(driver)
+        pytest.fail(f"the CLI did not end within {timeout:.0f} s")
     assert driver.returncode == 0, out[-4000:]
     return out
 
 
-def journaled(folder: Path, since: float = 0.0) -> list[dict]:
-    """The evaluations the driver has journaled that were reported after `since` (epoch seconds).
-
-    Unlike result.json in the sweep folder, which Tune updates only at its snapshots (by when
-    these short trials may have ended), the journal is written as each result arrives."""
-    journal = folder / JOURNAL_FILE
-    text = journal.read_text() if journal.is_file() else ""
-    complete = text[: text.rfind("\n") + 1].splitlines()  # the driver may be writing the last line
-    records = [json.loads(line) for line in complete]
-    return [r for r in records if r["op"] == "metrics" and r["time"] >= since * 1000]
-
-
-def journaled_metrics(folder: Path, since: float = 0.0) -> int:
-    return len(journaled(folder, since))
-
-
-def trials_past(folder: Path, step: int) -> int:
-    """How many trials have journaled an evaluation at `step` or later."""
-    return len({r["key"] for r in journaled(folder) if r["step"] >= step})
+def trial_processes(tracking_uri: str) -> list[int]:
+    """The processes of the Ray actors running this sweep's Tune trials (function trainables): its
+    runtime environment carries the sweep's tracking URI, which no other test's sweep has."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if not any(part.startswith("ray::ImplicitFunc") for part in process.info["cmdline"] or []):
+            continue
+        try:
+            if process.environ().get("MLFLOW_TRACKING_URI") == tracking_uri:
+                found.append(process.pid)
+        except psutil.Error:
+            continue
+    return found
 
 
-def trial_processes() -> list[int]:
-    """The processes of the Ray actors running Tune trials (function trainables) on this machine."""
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any(part.startswith("ray::ImplicitFunc") for part in p.info["cmdline"] or [])]
+def command_lines(text: str) -> dict[int, list[str]]:
+    """pid -> argv of the live processes whose command line mentions `text`."""
+    found = {}
+    for process in psutil.process_iter(["cmdline"]):
+        argv = process.info["cmdline"] or []
+        if any(text in part for part in argv):
+            found[process.pid] = argv
+    return found
 
 
 def long_space(teacher: str, tmp: Path, **fields) -> dict:
@@ -79,27 +72,31 @@ def long_space(teacher: str, tmp: Path, **fields) -> dict:
     return spec
 
 
-def test_killed_trial_processes_resume_from_their_checkpoints(tiny_demo_teacher, demo_cache, tmp_path):
+def test_killed_trial_processes_resume_from_their_checkpoints(tiny_demo_teacher, demo_cache, tmp_path, ray_address):
     spec = long_space(tiny_demo_teacher, tmp_path, space={"training.seed": {"grid": [1, 2]}}, max_failures=2)
-    spec["base"]["training"].update(max_steps=120)  # about 10 s here: the kill lands mid-training
-    driver = start_sweep(write_space(spec, tmp_path / "s.yaml"), demo_cache, tmp_path)
+    spec["base"]["training"].update(max_steps=120)  # the kill lands mid-training
+    uri = spec["tracking"]["uri"]
+    driver = start_cli(["sweep", str(write_space(spec, tmp_path / "s.yaml"))], demo_cache, tmp_path, ray_address)
     folder = tmp_path / "sweeps" / "tiny"
-
-    # Both trials (one per CPU) past their second evaluation, so each holds a checkpoint.
-    wait_for(lambda: trials_past(folder, 8) == 2, what="two trials with two evaluations")
-    killed = trial_processes()
-    assert len(killed) == 2, killed
-    for pid in killed:
-        os.kill(pid, signal.SIGKILL)
-    finish(driver)
+    try:
+        # Both trials (one per CPU) past their second evaluation, so each holds a checkpoint.
+        wait_for(lambda: trials_past(folder, 8) == 2, what="two trials with two evaluations",
+                 seen=lambda: journal_tail(folder))
+        killed = trial_processes(uri)
+        assert len(killed) == 2, killed
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        finish(driver)
+    finally:
+        kill_group(driver)
 
     results = trial_results(folder)
-    uri = spec["tracking"]["uri"]
     _, children = sweep_runs(uri, "tests")
     assert len(results) == len(children) == 2
     for trial, rows in results.items():
         steps = [row["step"] for row in rows]
-        assert rows[0]["pid"] in killed and rows[-1]["pid"] not in killed, "the trial ran on in a new process"
+        ran_in = [(row["step"], row["pid"]) for row in rows]
+        assert rows[0]["pid"] in killed and rows[-1]["pid"] not in killed, f"not on in a new process: {ran_in}"
         assert steps[-1] == 120
         assert steps.count(4) == 1, f"the trial restarted from zero: {steps}"
         assert sorted(set(steps)) == list(range(4, 121, 4)), f"Tune's result.json lost rows on the retry: {steps}"
@@ -109,7 +106,9 @@ def test_killed_trial_processes_resume_from_their_checkpoints(tiny_demo_teacher,
     assert_mlflow_holds_what_tune_holds(uri, folder)
 
 
-def test_mlflow_down_driver_killed_resumed_and_server_back_loses_nothing(tiny_demo_teacher, demo_cache, tmp_path):
+def test_mlflow_down_driver_killed_resumed_and_server_back_loses_nothing(
+    tiny_demo_teacher, demo_cache, tmp_path, ray_address
+):
     port = free_port()
     server = start_mlflow_server(tmp_path, port)
     uri = f"http://127.0.0.1:{port}"
@@ -120,53 +119,53 @@ def test_mlflow_down_driver_killed_resumed_and_server_back_loses_nothing(tiny_de
     space_file = write_space(spec, tmp_path / "s.yaml")
     folder = tmp_path / "sweeps" / "tiny"
 
-    driver = start_sweep(space_file, demo_cache, tmp_path)
+    driver = start_cli(["sweep", str(space_file)], demo_cache, tmp_path, ray_address)
+    resumed = None
     try:
-        wait_for(lambda: journaled_metrics(folder) >= 2, what="first results")
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
+        wait_for(lambda: journaled_metrics(folder) >= 2, what="first results", seen=lambda: journal_tail(folder))
+        kill_group(server)
         before_outage = journaled_metrics(folder)
-        wait_for(lambda: journaled_metrics(folder) >= before_outage + 3, what="training to go on while MLflow is down")
-        driver.kill()
-        driver.wait()
+        wait_for(lambda: journaled_metrics(folder) >= before_outage + 3, what="training to go on while MLflow is down",
+                 seen=lambda: journal_tail(folder))
+        kill_group(driver)
         assert undelivered(folder) > 0, "the records made while MLflow was down are in the journal"
 
-        resumed = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.cli", "resume", str(folder)], cwd=tmp_path, env=cli_env(demo_cache),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
+        resumed = start_cli(["resume", str(folder)], demo_cache, tmp_path, ray_address)
         # Counted by report time: resume first journals, with their old times, rows the killed driver missed.
         resumed_at = time.time()
         wait_for(lambda: journaled_metrics(folder, since=resumed_at) >= 2,
-                 what="the resumed sweep to train while MLflow is still down")
+                 what="the resumed sweep to train while MLflow is still down", seen=lambda: journal_tail(folder))
         server = start_mlflow_server(tmp_path, port)
         out = finish(resumed)
         assert "answers again" in out
         assert undelivered(folder) == 0
         assert_mlflow_holds_what_tune_holds(uri, folder)
     finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        driver.kill()
+        for process in (server, driver, resumed):
+            if process is not None:
+                kill_group(process)
 
 
-def test_sync_delivers_what_a_sweep_ended_without_and_finishes_its_parent_run(tiny_demo_teacher, demo_cache, tmp_path):
+def test_sync_delivers_what_a_sweep_ended_without_and_finishes_its_parent_run(
+    tiny_demo_teacher, demo_cache, tmp_path, ray_address
+):
     port = free_port()
     server = start_mlflow_server(tmp_path, port)
     uri = f"http://127.0.0.1:{port}"
+    # The sweep's end waits 1 s for the dead server (30 by default) before leaving the rest to `sync`.
     spec = long_space(tiny_demo_teacher, tmp_path, space={"training.seed": {"grid": [1, 2]}},
-                      tracking={"uri": uri, "experiment": "tests"})
+                      tracking={"uri": uri, "experiment": "tests", "finish_wait_s": 1})
     folder = tmp_path / "sweeps" / "tiny"
-    driver = start_sweep(write_space(spec, tmp_path / "s.yaml"), demo_cache, tmp_path)
+    driver = start_cli(["sweep", str(write_space(spec, tmp_path / "s.yaml"))], demo_cache, tmp_path, ray_address)
     try:
-        wait_for(lambda: journaled_metrics(folder), what="first results")
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
+        wait_for(lambda: journaled_metrics(folder), what="first results", seen=lambda: journal_tail(folder))
+        kill_group(server)
         out = finish(driver)
         assert f"distillsweep sync {folder}" in out, out[-2000:]
 
         status = distillsweep(["status", str(folder)], demo_cache, tmp_path)
         assert "has not confirmed" in status.stdout
-        down = distillsweep(["sync", str(folder)], demo_cache, tmp_path)
+        down = distillsweep(["sync", str(folder), "--attempts", "1"], demo_cache, tmp_path)
         assert down.returncode == 2 and "did not answer" in down.stderr and "again" in down.stderr
 
         server = start_mlflow_server(tmp_path, port)
@@ -178,18 +177,33 @@ def test_sync_delivers_what_a_sweep_ended_without_and_finishes_its_parent_run(ti
         assert again.returncode == 0 and "sent 0" in again.stderr
         assert_mlflow_holds_what_tune_holds(uri, folder)
     finally:
-        os.killpg(server.pid, signal.SIGKILL)
+        kill_group(server)
+        kill_group(driver)
 
 
-def test_diverging_trial_fails_with_its_reason_and_the_others_finish(tiny_demo_teacher, demo_cache, tmp_path):
-    spec = tiny_space(
-        tiny_demo_teacher, tmp_path,
-        space={"training.learning_rate": {"grid": [1e-3, 1e12]}},
-        max_failures=1,
-    )
+@pytest.fixture(scope="module")
+def failing_sweeps(tiny_demo_teacher, demo_cache, tmp_path_factory, ray_address) -> dict[str, tuple]:
+    """Two sweeps run at once: one with a diverging trial beside a sound one, one whose only trial
+    diverges; name -> (the CLI's result, its spec, its sweep folder)."""
+    diverging = tmp_path_factory.mktemp("diverging")
+    # Names of their own: Ray stages a driver's files under the sweep's name and start second.
+    spec = tiny_space(tiny_demo_teacher, diverging, name="diverging",
+                      space={"training.learning_rate": {"grid": [1e-3, 1e12]}}, max_failures=1)
     spec["base"]["objectives"] = [{"name": "hidden_mse", "weight": 1.0}]
     spec["base"]["training"].update(max_grad_norm=0.0, warmup_ratio=0.0)
-    done = distillsweep(["sweep", str(write_space(spec, tmp_path / "s.yaml"))], demo_cache, tmp_path)
+    all_fail = tmp_path_factory.mktemp("all-fail")
+    failing = tiny_space(tiny_demo_teacher, all_fail, name="all-fail", space={"training.seed": {"grid": [1]}},
+                         max_failures=0)
+    failing["base"]["objectives"] = [{"name": "hidden_mse", "weight": 1.0}]
+    failing["base"]["training"].update(learning_rate=1e12, max_grad_norm=0.0, warmup_ratio=0.0)
+    sweeps = {"diverging": (spec, diverging), "all_fail": (failing, all_fail)}
+    calls = [(["sweep", str(write_space(s, folder / "s.yaml"))], folder) for s, folder in sweeps.values()]
+    done = distillsweep_together(calls, demo_cache, ray_address)
+    return {name: (result, s, folder / "sweeps" / s["name"]) for (name, (s, folder)), result in zip(sweeps.items(), done)}
+
+
+def test_diverging_trial_fails_with_its_reason_and_the_others_finish(failing_sweeps, demo_cache, tmp_path):
+    done, spec, folder = failing_sweeps["diverging"]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "1 of 2 trials finished (1 completed their budget, 0 stopped early by the scheduler), 1 failed" in done.stdout
     assert "non-finite" in done.stdout
@@ -199,46 +213,33 @@ def test_diverging_trial_fails_with_its_reason_and_the_others_finish(tiny_demo_t
     failed = states["1000000000000.0"]
     assert failed.info.status == "FAILED" and "non-finite" in failed.data.tags["error"]
     assert failed.data.tags["trial_outcome"] == "diverged" and states["0.001"].data.tags["trial_outcome"] == "completed"
-    status = distillsweep(["status", str(tmp_path / "sweeps" / "tiny")], demo_cache, tmp_path)
+    status = distillsweep(["status", str(folder)], demo_cache, tmp_path)
     assert "1 completed, 1 diverged" in status.stdout
 
 
-def test_sweep_whose_every_trial_fails_marks_its_parent_run_failed(tiny_demo_teacher, demo_cache, tmp_path):
-    spec = tiny_space(tiny_demo_teacher, tmp_path, space={"training.seed": {"grid": [1]}}, max_failures=0)
-    spec["base"]["objectives"] = [{"name": "hidden_mse", "weight": 1.0}]
-    spec["base"]["training"].update(learning_rate=1e12, max_grad_norm=0.0, warmup_ratio=0.0)
-    done = distillsweep(["sweep", str(write_space(spec, tmp_path / "s.yaml"))], demo_cache, tmp_path)
+def test_sweep_whose_every_trial_fails_marks_its_parent_run_failed(failing_sweeps):
+    done, spec, _ = failing_sweeps["all_fail"]
     assert done.returncode == 2 and "every trial failed" in done.stderr + done.stdout
     parent, children = sweep_runs(spec["tracking"]["uri"], "tests")
     assert parent.info.status == "FAILED" and [c.info.status for c in children] == ["FAILED"]
 
 
-def ray_start(*args: str, env: dict) -> None:
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", *args], env=env, check=True,
-                   capture_output=True, timeout=120)
-
-
 def test_lost_worker_node_moves_its_trials_to_the_head(tiny_demo_teacher, demo_cache, tmp_path):
-    env = cli_env(demo_cache) | {"RAY_AUTH_MODE": "token"}
-    port, worker_port = free_port(), free_port()
-    ray_start("--head", "--port", str(port), "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
-              "--include-dashboard", "false", "--disable-usage-stats", env=env)
+    """Its own two-node cluster (the local recipe), since the drill kills the worker node's raylet."""
+    cluster = LocalCluster.start(head_cpus=1, workers=1, cpus_per_worker=1)
+    driver = None
     try:
-        ray_start("--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
-                  "--node-manager-port", str(worker_port), "--disable-usage-stats", env=env)
+        assert cluster.started.returncode == 0, cluster.started.stderr[-4000:]
         spec = long_space(tiny_demo_teacher, tmp_path, space={"training.seed": {"grid": [1, 2, 3]}}, max_failures=3)
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.cli", "sweep", str(write_space(spec, tmp_path / "s.yaml")),
-             "--address", f"127.0.0.1:{port}"],
-            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
+        driver = start_cli(["sweep", str(write_space(spec, tmp_path / "s.yaml"))], demo_cache, tmp_path,
+                           cluster.address)
         folder = tmp_path / "sweeps" / "tiny"
-        wait_for(lambda: trials_past(folder, 8) >= 2, what="two trials running, one of them on the worker node")
-        # The whole port number: a prefix would also match another cluster's raylet on this machine.
-        raylet = subprocess.run(["pgrep", "-f", f"node_manager_port={worker_port}([^0-9]|$)"],
-                                capture_output=True, text=True)
-        pids = [int(p) for p in raylet.stdout.split()]
-        assert pids, "worker raylet not found"
+        wait_for(lambda: trials_past(folder, 8) >= 2, what="two trials running, one of them on the worker node",
+                 seen=lambda: journal_tail(folder))
+        # The worker node's raylet: this cluster's (its temp folder) raylet started without --head.
+        raylets = {pid: cmd for pid, cmd in command_lines(cluster.temp_dir).items() if cmd[0].endswith("/raylet")}
+        pids = [pid for pid, cmd in raylets.items() if "--head" not in cmd]
+        assert len(raylets) == 2 and len(pids) == 1, f"no single worker raylet among {raylets}"
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
         finish(driver)
@@ -249,5 +250,6 @@ def test_lost_worker_node_moves_its_trials_to_the_head(tiny_demo_teacher, demo_c
         assert all(c.info.status == "FINISHED" for c in children)
         assert_mlflow_holds_what_tune_holds(spec["tracking"]["uri"], folder)
     finally:
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], env=env,
-                       capture_output=True, timeout=120)
+        if driver is not None:
+            kill_group(driver)
+        cluster.stop()

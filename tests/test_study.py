@@ -7,20 +7,20 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from sweep_helpers import distillsweep
+from sweep_helpers import distillsweep, sqlite_store
 
 pytestmark = pytest.mark.slow
 
 
 def test_study_distils_two_objectives_fine_tunes_each_and_reports_them(
-    tiny_demo_teacher, demo_cache, tmp_path
+    tiny_demo_teacher, demo_cache, tmp_path, ray_address
 ):
     from trainables.demo import ensure_demo_data
 
     train, _ = ensure_demo_data(demo_cache / "demo")
     corpus = tmp_path / "tweets.txt"
     corpus.write_text("\n".join(pd.read_csv(train)["text"].astype(str)) + "\n")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     study = {
         "name": "ta",
         "storage": str(tmp_path / "sweeps"),
@@ -45,7 +45,7 @@ def test_study_distils_two_objectives_fine_tunes_each_and_reports_them(
     }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study))
-    done = distillsweep(["study", str(path)], demo_cache, tmp_path, timeout=1200)
+    done = distillsweep(["study", str(path)], demo_cache, tmp_path, ray_address=ray_address)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     client = MlflowClient(uri)

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -18,29 +12,23 @@ import pytest
 from mlflow import MlflowClient
 
 from orchestrator.experiment_state import newest_state_file
+from services import free_port, kill_group, start_mlflow_server, wait_for
 from sweep_helpers import (
-    ROOT, assert_mlflow_holds_what_tune_holds, cli_env, distillsweep, metric_steps, sweep_runs, tiny_space, write_space,
+    ROOT, assert_mlflow_holds_what_tune_holds, cli_env, distillsweep, distillsweep_together, metric_steps,
+    sqlite_store, sweep_runs, tiny_space, trial_results, write_space,
 )
 
 pytestmark = pytest.mark.slow
 
 
-def trial_results(experiment_dir: Path) -> dict[str, list[dict]]:
-    """trial id -> its reported rows, from Tune's result.json files."""
-    out = {}
-    for path in experiment_dir.glob("*/result.json"):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if rows:
-            out[rows[0]["trial_id"]] = rows
-    return out
-
-
-def test_quickstart_preset_runs_from_cli_with_asha_and_mlflow(demo_cache, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_quickstart_preset_runs_from_cli_with_asha_and_mlflow(tiny_demo_teacher, demo_cache, tmp_path, ray_address):
+    """The preset as shipped but for its teacher: the tiny one (the MiniLM demo teacher takes minutes
+    to fine-tune on 2 cores, and `distillsweep demo` is what runs it)."""
+    uri = sqlite_store(tmp_path)
     done = distillsweep(
         ["sweep", str(ROOT / "search_spaces" / "quickstart.yaml"), "--set", f"storage={tmp_path / 'sweeps'}",
-         "--set", f"tracking.uri={uri}"],
-        demo_cache, tmp_path, timeout=1200,
+         "--set", f"tracking.uri={uri}", "--set", f"base.teacher={tiny_demo_teacher}"],
+        demo_cache, tmp_path, ray_address=ray_address,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = trial_results(tmp_path / "sweeps" / "quickstart")
@@ -84,19 +72,46 @@ def test_quickstart_preset_runs_from_cli_with_asha_and_mlflow(demo_cache, tmp_pa
     assert "stopped by the scheduler at step" in report.stdout
 
 
-def test_optuna_sweep_samples_objective_weights_and_logs_them(tiny_demo_teacher, demo_cache, tmp_path):
-    spec = tiny_space(
-        tiny_demo_teacher, tmp_path,
-        space={
-            "objectives.mix": {"choice": [["kd"], ["kd", "hidden_mse"]]},
-            "objectives.kd.weight": {"uniform": [0.1, 0.9]},
-            "objectives.kd.temperature": {"choice": [1.0, 2.0, 4.0]},
-            "objectives.hidden_mse.weight": {"loguniform": [0.01, 10.0]},
-        },
-        search={"algorithm": "optuna", "num_samples": 5, "seed": 0},
-        scheduler={"type": "asha", "max_t": 3, "grace_period": 1},
-    )
-    done = distillsweep(["sweep", str(write_space(spec, tmp_path / "optuna.yaml"))], demo_cache, tmp_path)
+@pytest.fixture(scope="module")
+def searched_sweeps(tiny_demo_teacher, demo_cache, tmp_path_factory, ray_address) -> dict[str, tuple]:
+    """Three sweeps with Optuna's samplers, run at once on the shared cluster:
+    name -> (the CLI's result, its spec, its working folder)."""
+    optuna_space = {
+        "objectives.mix": {"choice": [["kd"], ["kd", "hidden_mse"]]},
+        "objectives.kd.weight": {"uniform": [0.1, 0.9]},
+        "objectives.kd.temperature": {"choice": [1.0, 2.0, 4.0]},
+        "objectives.hidden_mse.weight": {"loguniform": [0.01, 10.0]},
+    }
+    qmc_space = {
+        "objectives.mix": {"choice": [["kd"], ["kd", "hidden_mse"]]},
+        "objectives.kd.weight": {"uniform": [0.1, 0.9]},
+        "training.learning_rate": {"loguniform": [1e-4, 1e-2]},
+    }
+    two_stage_space = {"objectives.mix": {"choice": [["kd"], ["kd", "hidden_mse"]]},
+                       "training.learning_rate": {"loguniform": [1e-5, 1e-2]}}
+    fields = {
+        "optuna": dict(space=optuna_space, search={"algorithm": "optuna", "num_samples": 5, "seed": 0},
+                       scheduler={"type": "asha", "max_t": 3, "grace_period": 1}),
+        # max_concurrent_trials 1: each trial sampled after the one before ended, as a sequence
+        "qmc": dict(space=qmc_space, search={"algorithm": "qmc", "num_samples": 5, "seed": 0}, max_concurrent_trials=1),
+        "two_stage": dict(space=two_stage_space, search={"algorithm": "optuna", "num_samples": 6, "seed": 0},
+                          scheduler={"type": "asha", "max_t": 12, "grace_period": 4, "reduction_factor": 2}),
+    }
+    sweeps = {}
+    for name, extra in fields.items():
+        work = tmp_path_factory.mktemp(name)
+        # Names of their own: Ray stages a driver's files under the sweep's name and start second.
+        spec = tiny_space(tiny_demo_teacher, work, name=name, **extra)
+        if name == "two_stage":
+            spec["base"]["stages"] = "auto"
+        sweeps[name] = (spec, work)
+    done = distillsweep_together([(["sweep", str(write_space(spec, work / "space.yaml"))], work)
+                                  for spec, work in sweeps.values()], demo_cache, ray_address)
+    return {name: (result, spec, work) for (name, (spec, work)), result in zip(sweeps.items(), done)}
+
+
+def test_optuna_sweep_samples_objective_weights_and_logs_them(searched_sweeps, demo_cache):
+    done, spec, work = searched_sweeps["optuna"]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     _, children = sweep_runs(spec["tracking"]["uri"], "tests")
     assert len(children) == 5
@@ -106,29 +121,19 @@ def test_optuna_sweep_samples_objective_weights_and_logs_them(tiny_demo_teacher,
         mix = child.data.params["objectives"]
         assert ("objectives.hidden_mse.weight" in child.data.params) == ("hidden_mse" in mix)
 
-    folder = tmp_path / "sweeps" / "tiny"  # Optuna's study is kept, for optuna-dashboard and the report
-    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{folder / 'optuna.db'}")
+    folder = work / "sweeps" / "optuna"  # Optuna's study is kept, for optuna-dashboard and the report
+    study = optuna.load_study(study_name="optuna", storage=f"sqlite:///{folder / 'optuna.db'}")
     assert sorted(t.params["objectives.kd.weight"] for t in study.trials) == pytest.approx(sorted(weights))
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) >= 2
-    report = distillsweep(["report", str(folder)], demo_cache, tmp_path)
+    report = distillsweep(["report", str(folder)], demo_cache, work)
     assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
     importances = (folder / "report" / "optuna-importances.svg").read_text()
     assert "objectives.kd.weight" in importances and 'src="optuna-importances.svg"' in (
         folder / "report" / "report.html").read_text()
 
 
-def test_quasi_random_search_is_one_table_entry_and_runs_a_real_sweep(tiny_demo_teacher, demo_cache, tmp_path):
-    spec = tiny_space(
-        tiny_demo_teacher, tmp_path,
-        space={
-            "objectives.mix": {"choice": [["kd"], ["kd", "hidden_mse"]]},
-            "objectives.kd.weight": {"uniform": [0.1, 0.9]},
-            "training.learning_rate": {"loguniform": [1e-4, 1e-2]},
-        },
-        search={"algorithm": "qmc", "num_samples": 5, "seed": 0},
-        max_concurrent_trials=1,  # each trial sampled after the one before ended, as a sequence
-    )
-    done = distillsweep(["sweep", str(write_space(spec, tmp_path / "qmc.yaml"))], demo_cache, tmp_path)
+def test_quasi_random_search_is_one_table_entry_and_runs_a_real_sweep(searched_sweeps):
+    done, spec, _ = searched_sweeps["qmc"]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     _, children = sweep_runs(spec["tracking"]["uri"], "tests")
     assert len(children) == 5 and all(c.info.status == "FINISHED" for c in children)
@@ -142,19 +147,11 @@ def test_quasi_random_search_is_one_table_entry_and_runs_a_real_sweep(tiny_demo_
     assert quarters == [0, 1, 2, 3], rates
 
 
-def test_two_stage_trials_are_judged_only_in_their_prediction_stage(tiny_demo_teacher, demo_cache, tmp_path):
+def test_two_stage_trials_are_judged_only_in_their_prediction_stage(searched_sweeps):
     """Optuna and ASHA see stage-1 results without a score; neither may fail on them or act on them."""
-    spec = tiny_space(
-        tiny_demo_teacher, tmp_path,
-        space={"objectives.mix": {"choice": [["kd"], ["kd", "hidden_mse"]]},
-               "training.learning_rate": {"loguniform": [1e-5, 1e-2]}},
-        search={"algorithm": "optuna", "num_samples": 6, "seed": 0},
-        scheduler={"type": "asha", "max_t": 12, "grace_period": 4, "reduction_factor": 2},
-    )
-    spec["base"]["stages"] = "auto"
-    done = distillsweep(["sweep", str(write_space(spec, tmp_path / "two_stage.yaml"))], demo_cache, tmp_path)
+    done, spec, work = searched_sweeps["two_stage"]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    results = trial_results(tmp_path / "sweeps" / "tiny")
+    results = trial_results(work / "sweeps" / "two_stage")
     assert len(results) == 6
     two_stage = {t: rows for t, rows in results.items() if rows[0]["total_steps"] == 24}  # 12 steps a stage
     assert two_stage, "no trial drew the two-stage mix"
@@ -170,31 +167,7 @@ def test_two_stage_trials_are_judged_only_in_their_prediction_stage(tiny_demo_te
     assert outcomes <= {"completed", "stopped"} and "completed" in outcomes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_mlflow_server(tmp_path: Path, port: int) -> subprocess.Popen:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--default-artifact-root", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return server
-        except OSError:
-            time.sleep(0.5)
-    server.kill()
-    raise RuntimeError("mlflow server did not start")
-
-
-def test_sweep_against_real_mlflow_server_and_report(tiny_demo_teacher, demo_cache, tmp_path):
+def test_sweep_against_real_mlflow_server_and_report(tiny_demo_teacher, demo_cache, tmp_path, ray_address):
     port = free_port()
     server = start_mlflow_server(tmp_path, port)
     try:
@@ -205,7 +178,8 @@ def test_sweep_against_real_mlflow_server_and_report(tiny_demo_teacher, demo_cac
                    "student.init": {"grid": ["lower", "upper"]}, "training.seed": {"grid": [1, 2]}},
             tracking={"uri": uri, "experiment": "tests"},
         )
-        done = distillsweep(["sweep", str(write_space(spec, tmp_path / "grid.yaml"))], demo_cache, tmp_path)
+        done = distillsweep(["sweep", str(write_space(spec, tmp_path / "grid.yaml"))], demo_cache, tmp_path,
+                            ray_address=ray_address)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         parent, children = sweep_runs(uri, "tests")
         assert len(children) == 8
@@ -230,10 +204,12 @@ def test_sweep_against_real_mlflow_server_and_report(tiny_demo_teacher, demo_cac
         artifacts = [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
         assert "report/report.md" in artifacts and "report/report.csv" in artifacts
     finally:
-        os.killpg(server.pid, signal.SIGKILL)
+        kill_group(server)
 
 
-def test_driver_killed_mid_snapshot_resumes_with_each_trial_once_in_mlflow(tiny_demo_teacher, demo_cache, tmp_path):
+def test_driver_killed_mid_snapshot_resumes_with_each_trial_once_in_mlflow(
+    tiny_demo_teacher, demo_cache, tmp_path, ray_address
+):
     spec = tiny_space(
         tiny_demo_teacher, tmp_path,
         space={"training.seed": {"grid": [1, 2, 3, 4]}},
@@ -243,30 +219,30 @@ def test_driver_killed_mid_snapshot_resumes_with_each_trial_once_in_mlflow(tiny_
     space_file = write_space(spec, tmp_path / "resume.yaml")
     folder = tmp_path / "sweeps" / "tiny"
     driver = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "sweep", str(space_file)], cwd=tmp_path, env=cli_env(demo_cache),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "orchestrator.cli", "sweep", str(space_file)], cwd=tmp_path,
+        env=cli_env(demo_cache, ray_address), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
+
+    def one_finished_one_running() -> tuple[list[str], list[str]] | None:
+        """In Tune's snapshot of result.json (what resume reads): a trial at its end and one short of it."""
+        results = trial_results(folder)
+        finished = [t for t, rows in results.items() if rows[-1]["step"] == 40]
+        running = [t for t, rows in results.items() if rows[-1]["step"] < 40]
+        return (finished, running) if finished and running else None
+
     try:
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            results = trial_results(folder)
-            finished = [t for t, rows in results.items() if rows[-1]["step"] == 40]
-            running = [t for t, rows in results.items() if rows[-1]["step"] < 40]
-            if len(finished) >= 1 and running:
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail("the sweep made no progress")
+        finished, _ = wait_for(one_finished_one_running, what="a finished and a running trial in result.json",
+                               seen=lambda: {t: rows[-1]["step"] for t, rows in trial_results(folder).items()})
     finally:
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
+        kill_group(driver)
     before = {t: len(rows) for t, rows in trial_results(folder).items()}
     finished_rows = {t: trial_results(folder)[t] for t in finished}
     # The worst moment for the kill: while Tune rewrote its experiment state in place.
     state_file = newest_state_file(folder)
     state_file.write_bytes(state_file.read_bytes()[: state_file.stat().st_size // 2])
 
-    done = distillsweep(["resume", str(folder)], demo_cache, tmp_path)
+    done = distillsweep(["resume", str(folder)], demo_cache, tmp_path, ray_address=ray_address)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "resuming from its last complete snapshot" in done.stdout
 
@@ -285,21 +261,24 @@ def test_driver_killed_mid_snapshot_resumes_with_each_trial_once_in_mlflow(tiny_
     assert_mlflow_holds_what_tune_holds(spec["tracking"]["uri"], folder)
 
 
-def test_reused_worker_trains_trials_exactly_as_fresh_workers(tiny_demo_teacher, demo_cache, tmp_path):
+def test_reused_worker_trains_trials_exactly_as_fresh_workers(tiny_demo_teacher, demo_cache, tmp_path, ray_address):
     """`reuse_actors` (the default) runs trial after trial in one process: nothing may leak between them."""
     scores: dict[bool, dict[int, list[float]]] = {}
-    for reuse in (True, False):
-        root = tmp_path / ("reused" if reuse else "fresh")
+    roots = {reuse: tmp_path / ("reused" if reuse else "fresh") for reuse in (True, False)}
+    calls = []
+    for reuse, root in roots.items():
         root.mkdir()
-        spec = tiny_space(tiny_demo_teacher, root, space={"training.seed": {"grid": [1, 2, 3]}},
+        # Names of their own: Ray stages a driver's files under the sweep's name and start second.
+        spec = tiny_space(tiny_demo_teacher, root, name=root.name, space={"training.seed": {"grid": [1, 2, 3]}},
                           max_concurrent_trials=1, reuse_actors=reuse)
-        done = distillsweep(["sweep", str(write_space(spec, root / "space.yaml"))], demo_cache, root)
+        calls.append((["sweep", str(write_space(spec, root / "space.yaml"))], root))
+    for (reuse, root), done in zip(roots.items(), distillsweep_together(calls, demo_cache, ray_address)):
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        results = trial_results(root / "sweeps" / "tiny")
+        results = trial_results(root / "sweeps" / root.name)
         pids = {rows[0]["pid"] for rows in results.values()}
         assert (len(pids) == 1) == reuse, f"reuse_actors={reuse} but trials ran in processes {pids}"
         scores[reuse] = {rows[0]["config"]["training.seed"]: [r["score"] for r in rows] for rows in results.values()}
-        checkpoints = list((root / "sweeps" / "tiny").glob("*/checkpoint_*"))
+        checkpoints = list((root / "sweeps" / root.name).glob("*/checkpoint_*"))
         assert len(checkpoints) == 3, "a completed trial keeps its final checkpoint folder, with the student only"
         assert all([p.name for p in c.iterdir()] == ["student"] for c in checkpoints)
     assert scores[True] == scores[False]

@@ -16,14 +16,6 @@ from orchestrator.preflight import representative_assignments
 runner = CliRunner()
 
 
-@pytest.fixture
-def teacher_dir(tmp_path_factory, tiny_bert) -> str:
-    """A local 4-layer teacher directory (config is all a dry run reads)."""
-    path = tmp_path_factory.mktemp("teacher")
-    tiny_bert.save_pretrained(path)
-    return str(path)
-
-
 def space(teacher: str, **changes) -> dict:
     spec = {
         "name": "check",

@@ -4,8 +4,8 @@ across restarts, dead servers and replays."""
 from __future__ import annotations
 
 import json
+import os
 import socket
-import time
 
 import pytest
 from mlflow import MlflowClient
@@ -15,6 +15,7 @@ from orchestrator.journal import DELIVERED_FILE, JOURNAL_FILE, Journal, undelive
 from orchestrator.messages import UserError
 from orchestrator.report import tune_trial_states
 from orchestrator.tracking import ensure_experiment
+from sweep_helpers import sqlite_store
 
 KEY = "sweep/trial_1"
 
@@ -29,7 +30,7 @@ def create(parent: str) -> dict:
 
 @pytest.fixture
 def store(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     client = MlflowClient(uri)
     experiment = ensure_experiment(client, "journal", uri)
     parent = client.create_run(experiment).info.run_id
@@ -161,8 +162,8 @@ def test_status_reads_the_experiment_state_tune_would_resume_from(tmp_path):
     newer = tmp_path / "experiment_state-2026-11-30_04-00-00.json"
     older = tmp_path / "experiment_state-2026-11-30_03-00-00.json"
     newer.write_text(state("RUNNING"))
-    time.sleep(0.05)
     older.write_text(state("PAUSED"))
+    os.utime(newer, (1_000_000, 1_000_000))  # the older name written last
     assert older.stat().st_mtime > newer.stat().st_mtime
     assert tune_trial_states(tmp_path) == {"t1": "RUNNING"}
 

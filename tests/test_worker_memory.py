@@ -37,7 +37,8 @@ def test_registry_sees_the_models_a_run_builds(tiny_bert):
     assert any(m is student for m in live_models())
 
 
-def test_reused_worker_holds_no_model_of_completed_or_stopped_trials(tiny_demo_teacher, demo_cache, tmp_path):
+def test_reused_worker_holds_no_model_of_completed_or_stopped_trials(tiny_demo_teacher, demo_cache, tmp_path,
+                                                                     ray_address):
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -49,7 +50,7 @@ def test_reused_worker_holds_no_model_of_completed_or_stopped_trials(tiny_demo_t
     # One worker, trials in order: a good trial completes (its function returns: max_t is beyond
     # its 12 steps), a hopeless one (learning rate 1e-12) is stopped by ASHA at its first rung
     # (SystemExit inside `tune.report`), then a third trial starts in the same process.
-    ray.init(num_cpus=1, include_dashboard=False, runtime_env={"env_vars": {
+    ray.init(address=ray_address, runtime_env={"env_vars": {
         "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}",  # workers import probed_trial from here
     }})
     try:
