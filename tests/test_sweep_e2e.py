@@ -218,10 +218,13 @@ def test_driver_killed_mid_snapshot_resumes_with_each_trial_once_in_mlflow(
     spec["base"]["training"].update(max_steps=40, eval_steps=4)
     space_file = write_space(spec, tmp_path / "resume.yaml")
     folder = tmp_path / "sweeps" / "tiny"
+    # Tune snapshots its state (and copies result.json into the sweep folder) every second: with its
+    # default period, which can outlast these short trials, the sweep could end before the wait saw
+    # a running trial in result.json.
     driver = subprocess.Popen(
         [sys.executable, "-m", "orchestrator.cli", "sweep", str(space_file)], cwd=tmp_path,
-        env=cli_env(demo_cache, ray_address), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        env=cli_env(demo_cache, ray_address) | {"TUNE_GLOBAL_CHECKPOINT_S": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
 
     def one_finished_one_running() -> tuple[list[str], list[str]] | None:
