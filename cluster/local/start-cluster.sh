@@ -17,18 +17,26 @@
 #   HEAD_CPUS            CPUs the head advertises (default 1; 0 keeps trials off the head)
 #   OBJECT_STORE_MEMORY  bytes of object store per node (default 300000000; Ray's own default,
 #                        30% of RAM per node, is too much for several nodes on one machine)
-#   RAY_TEMP_DIR         Ray's temp/session folder (default /tmp/distillsweep-ray-$RAY_PORT); kept
-#                        short because Ray's socket paths must stay under 107 characters
+#   RAY_TEMP_DIR         this cluster's private folder (default /tmp/distillsweep-ray-$UID-$RAY_PORT):
+#                        Ray's sessions in ray/, the pid files and logs of this script in launcher/.
+#                        Created 0700; an existing one must be yours and writable by you alone.
+#                        Kept short because Ray's socket paths must stay under 107 characters
 #   START_TIMEOUT        seconds to wait for all nodes (default 90)
 #   RAY_BIN              the `ray` executable (default: `ray` on PATH)
-#   RAY_AUTH_MODE        token (default) or disabled
+#   RAY_AUTH_MODE        token (default) or disabled; disabled is refused unless
+#   ALLOW_UNAUTHENTICATED=1 is set too (then a warning is printed)
 #
 # Notes for Ray 2.60 on one machine:
 # * Each node needs no port of its own: Ray picks free node-manager / object-manager / worker
 #   ports when they are not given. Only the head's --port is fixed.
 # * `--node-ip-address 127.0.0.1` is replaced by the host's routable address (Ray swaps loopback
 #   addresses for it), and Ray listens on all interfaces: the cluster is protected by token
-#   authentication, which is why it stays on by default here.
+#   authentication, which is why it stays on by default and turning it off takes two variables.
+# * Ray makes its temp folder world-writable (mode 0777, no sticky bit): its sockets, logs and
+#   session files would be open to every local user. Ray's folder is therefore ray/ inside the
+#   private RAY_TEMP_DIR, which nobody else can enter. The folder is per user and per port, in
+#   /tmp rather than XDG_RUNTIME_DIR: that is a small tmpfs, removed at logout, and Ray spills
+#   objects into its temp folder.
 # * `ray start --head` turns token authentication on when ~/.ray/auth_token exists, but
 #   `ray start --address` (workers), `ray status` and `ray.init(address=...)` only use it when
 #   RAY_AUTH_MODE=token is set: it is exported to every process started here and printed for
@@ -44,7 +52,7 @@ CPUS_PER_WORKER="${CPUS_PER_WORKER:-1}"
 GPUS_PER_WORKER="${GPUS_PER_WORKER:-0}"
 HEAD_CPUS="${HEAD_CPUS:-1}"
 OBJECT_STORE_MEMORY="${OBJECT_STORE_MEMORY:-300000000}"
-RAY_TEMP_DIR="${RAY_TEMP_DIR:-/tmp/distillsweep-ray-$RAY_PORT}"
+RAY_TEMP_DIR="${RAY_TEMP_DIR:-/tmp/distillsweep-ray-$UID-$RAY_PORT}"
 START_TIMEOUT="${START_TIMEOUT:-90}"
 RAY_BIN="${RAY_BIN:-ray}"
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
@@ -57,6 +65,27 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 log() { printf '[local-cluster] %s\n' "$*" >&2; }
 
+case "$RAY_AUTH_MODE" in
+    token) ;;
+    disabled)
+        if [[ "${ALLOW_UNAUTHENTICATED:-0}" != 1 ]]; then
+            log "error: RAY_AUTH_MODE=disabled starts Ray without authentication, listening on all"
+            log "  interfaces: anyone who reaches this machine could run code as you. Keep the default"
+            log "  (token), or set ALLOW_UNAUTHENTICATED=1 as well on a machine no one else reaches."
+            exit 2
+        fi
+        log "WARNING: ================================================================="
+        log "WARNING: Ray authentication is OFF (RAY_AUTH_MODE=disabled, ALLOW_UNAUTHENTICATED=1)."
+        log "WARNING: Ray listens on all interfaces: anyone who reaches this machine can run"
+        log "WARNING: code as $(id -un) through this cluster until stop-cluster.sh stops it."
+        log "WARNING: ================================================================="
+        ;;
+    *)
+        log "error: RAY_AUTH_MODE must be token or disabled, got $(printf %q "$RAY_AUTH_MODE")"
+        exit 2
+        ;;
+esac
+
 for name in RAY_PORT NUM_WORKERS CPUS_PER_WORKER GPUS_PER_WORKER HEAD_CPUS OBJECT_STORE_MEMORY START_TIMEOUT; do
     if ! [[ "${!name}" =~ ^[0-9]+$ ]]; then
         log "error: $name must be a whole number, got '${!name}'"
@@ -68,9 +97,13 @@ if ! command -v "$RAY_BIN" >/dev/null 2>&1; then
     exit 2
 fi
 
-alive() { [[ -n "$1" ]] && kill -0 "$1" 2>/dev/null; }
+# shellcheck source=private-dir.sh
+source "$HERE/private-dir.sh"
+private_dir "$RAY_TEMP_DIR" || exit 1
 
-if [[ -f "$STATE_DIR/head.pid" ]] && alive "$(cat "$STATE_DIR/head.pid")"; then
+alive() { [[ "$1" =~ ^[0-9]+$ ]] && kill -0 "$1" 2>/dev/null; }
+
+if [[ -f "$STATE_DIR/head.pid" ]] && read -r pid _ <"$STATE_DIR/head.pid" && alive "$pid"; then
     log "error: a cluster started from $STATE_DIR is running; stop it with RAY_PORT=$RAY_PORT $HERE/stop-cluster.sh"
     exit 1
 fi
@@ -85,7 +118,7 @@ if [[ "$RAY_AUTH_MODE" == token && -z "${RAY_AUTH_TOKEN:-}" && -z "${RAY_AUTH_TO
     "$RAY_BIN" get-auth-token --generate >/dev/null 2>&1
 fi
 
-mkdir -p "$STATE_DIR"
+mkdir -p -m 0700 "$STATE_DIR"
 rm -f "$STATE_DIR"/*.pid
 
 # On any failure below, take down what was started.
@@ -113,11 +146,17 @@ active_nodes() {
     awk '/^Active:/ {on = 1; next} /^[A-Z][a-z]+:/ {on = 0} on && /node_/ {n++} END {print n + 0}' <<<"$status"
 }
 
+record_pid() {
+    # record_pid NAME PID: the PID and its start time, which stop-cluster.sh checks before a kill.
+    printf '%s %s\n' "$2" "$(start_time "$2")" >"$STATE_DIR/$1.pid"
+}
+
 wait_for_nodes() {
-    local want=$1 deadline=$((SECONDS + START_TIMEOUT)) have=0
+    local want=$1 deadline=$((SECONDS + START_TIMEOUT)) have=0 pid
     while ((SECONDS < deadline)); do
         for f in "$STATE_DIR"/*.pid; do
-            if ! alive "$(cat "$f")"; then
+            read -r pid _ <"$f"
+            if ! alive "$pid"; then
                 log "error: $(basename "$f" .pid) exited during start-up"
                 return 1
             fi
@@ -138,9 +177,9 @@ log "starting the head on $ADDRESS (temp dir $RAY_TEMP_DIR)"
 nohup "$RAY_BIN" start --head --block \
     --node-ip-address 127.0.0.1 --port "$RAY_PORT" \
     --num-cpus "$HEAD_CPUS" --num-gpus 0 --object-store-memory "$OBJECT_STORE_MEMORY" \
-    --include-dashboard false --disable-usage-stats --temp-dir "$RAY_TEMP_DIR" \
+    --include-dashboard false --disable-usage-stats --temp-dir "$RAY_TEMP_DIR/ray" \
     >"$STATE_DIR/head.log" 2>&1 </dev/null &
-echo $! >"$STATE_DIR/head.pid"
+record_pid head $!
 wait_for_nodes 1
 
 for i in $(seq 1 "$NUM_WORKERS"); do
@@ -150,7 +189,7 @@ for i in $(seq 1 "$NUM_WORKERS"); do
         --num-cpus "$CPUS_PER_WORKER" --num-gpus "$GPUS_PER_WORKER" \
         --object-store-memory "$OBJECT_STORE_MEMORY" --disable-usage-stats \
         >"$STATE_DIR/worker-$i.log" 2>&1 </dev/null &
-    echo $! >"$STATE_DIR/worker-$i.pid"
+    record_pid "worker-$i" $!
     # One at a time: several raylets starting at once on a busy machine can miss Ray's
     # start-up deadline.
     wait_for_nodes $((i + 1))
@@ -159,5 +198,5 @@ done
 log "Ray cluster up: head + $NUM_WORKERS worker(s), $((NUM_WORKERS + 1)) nodes active at $ADDRESS"
 log "  distillsweep sweep search_spaces/quickstart.yaml --address $ADDRESS   # with RAY_AUTH_MODE=$RAY_AUTH_MODE"
 log "  ray status --address $ADDRESS"
-log "  RAY_PORT=$RAY_PORT RAY_TEMP_DIR=$RAY_TEMP_DIR $HERE/stop-cluster.sh"
-echo "export RAY_ADDRESS=$ADDRESS RAY_AUTH_MODE=$RAY_AUTH_MODE"
+log "  RAY_PORT=$RAY_PORT RAY_TEMP_DIR=$(printf %q "$RAY_TEMP_DIR") $(printf %q "$HERE")/stop-cluster.sh"
+printf 'export RAY_ADDRESS=%q RAY_AUTH_MODE=%q\n' "$ADDRESS" "$RAY_AUTH_MODE"
