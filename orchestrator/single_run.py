@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from orchestrator.messages import UserError
 from orchestrator.tracking import (
     default_tracking_uri,
     ensure_experiment,
+    keep_credentials,
     numeric_metrics,
     run_params,
     run_tags,
@@ -19,6 +22,41 @@ from orchestrator.tracking import (
 from trainables.config import RunConfig
 from trainables.run import distill
 from trainables.training import Reporter, StepCallback
+
+RUNS_ROOT = Path("runs")
+
+
+def claim_output_dir(cfg: RunConfig, resume: Path | None, overwrite: bool) -> RunConfig:
+    """`cfg` with a folder no other run writes to.
+
+    A config without `output_dir` gets a new folder of its own (resuming, the one its checkpoint's
+    run wrote to). A named folder that holds files is another run's or the user's: the run
+    replaces its student, metrics and best weights there, so it is written to only when resumed or
+    with --overwrite.
+    """
+    if "output_dir" not in cfg.model_fields_set:
+        return cfg.model_copy(update={"output_dir": run_dir_of(resume) or new_run_dir(cfg.objective_mix)})
+    folder = cfg.output_dir.expanduser()
+    if resume is None and not overwrite and folder.is_dir() and any(folder.iterdir()):
+        raise UserError(
+            f"output_dir {folder} is not empty (another run's or your files): pass --resume CHECKPOINT to "
+            "continue the run there, --overwrite to write over it, or name another output_dir"
+        )
+    return cfg
+
+
+def run_dir_of(checkpoint: Path | None) -> Path | None:
+    """The run folder that holds `checkpoint` (`<run>/checkpoints/step-NNNNNNN`), if it is laid out so."""
+    if checkpoint is not None and checkpoint.parent.name == "checkpoints":
+        return checkpoint.parent.parent
+    return None
+
+
+def new_run_dir(objective_mix: str) -> Path:
+    """`runs/<UTC time>-<objective mix>-<random>`, created here (0700), so two runs never get the same."""
+    RUNS_ROOT.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return Path(tempfile.mkdtemp(prefix=f"{stamp}-{objective_mix}-", dir=RUNS_ROOT))
 
 
 def run_single(
@@ -36,7 +74,7 @@ def run_single(
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
-    uri = tracking_uri or default_tracking_uri()
+    uri = keep_credentials(tracking_uri or default_tracking_uri())  # no "View run at <URI>" with a password
     client = MlflowClient(uri)
     experiment_id = ensure_experiment(client, experiment, uri)
     run = client.create_run(experiment_id, tags={**run_tags(cfg), "mlflow.runName": cfg.output_dir.name})

@@ -11,6 +11,7 @@ import pytest
 
 from orchestrator.report import read_result_rows
 from sweep_helpers import distillsweep, distillsweep_together, tiny_space, trial_results, write_space
+from trainables.tune_trainable import scratch_prefix
 
 pytestmark = pytest.mark.slow
 
@@ -70,8 +71,8 @@ def test_ended_trials_keep_only_their_student_and_stopped_trials_nothing(kept_sw
     working = working_dirs(ray_cluster.temp_dir, name)
     leftovers = [p for d in working for p in d.rglob("*") if p.is_file() and p.stat().st_size > 100_000]
     assert working and not leftovers, f"copies outside Tune's storage: {leftovers}"
-    scratch = Path(tempfile.gettempdir()) / "distillsweep-trials"
-    assert not [d for d in folder.iterdir() if (scratch / d.name).exists()], "the runs' scratch folders are left"
+    scratch = [p for d in folder.iterdir() for p in Path(tempfile.gettempdir()).glob(f"{scratch_prefix(d)}*")]
+    assert not scratch, f"the runs' scratch folders are left: {scratch}"
 
     status = distillsweep(["status", str(folder)], demo_cache, tmp_path)
     assert status.returncode == 0, status.stdout + status.stderr

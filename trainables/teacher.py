@@ -3,6 +3,8 @@
 The cache key is the whole request (base model, task, hyperparameters), so changing any of them
 trains a new teacher instead of silently reusing a stale one (paper_spec section 10). The teacher
 kept is the evaluation that scored best on the dev set, as the study's `checkpoint_best.pt`.
+The cache may be shared (several sweeps, several users): one process at a time fine-tunes a
+teacher, under a lock, in a work folder of its own, and a finished teacher is never replaced.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import json
 import re
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -26,6 +29,7 @@ from trainables.models import resolve_model_source, save_model
 from trainables.precision import make_accelerator
 from trainables.run import RunParts, build_loop
 from trainables.tasks import resolve_task
+from trainables.teacher_cache import exclusive_lock
 from trainables.training import Reporter, RunOutputs, StepCallback
 
 TEACHER_RECORD = "teacher.json"
@@ -42,11 +46,11 @@ class TeacherRequest(StrictModel):
 
 
 def teacher_dir(request: TeacherRequest, base_source: str) -> Path:
-    """`<output_root>/<task>-<base>-<hash of the request>`."""
+    """`<output_root>/<task>-<base>-<hash of the request>`, always one folder inside output_root."""
     key = request.model_dump(mode="json", exclude={"output_root", "cache_dir"})
     key["base_model"] = base_source
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    task_name = resolve_task(request.task).name
+    task_name = re.sub(r"[^\w.-]", "_", resolve_task(request.task).name)  # `../` or `/abs` must not leave root
     base_name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(base_source).name or base_source)
     root = request.output_root or cache_root(request.cache_dir) / "teachers"
     return root.expanduser().resolve() / f"{task_name}-{base_name}-{digest}"
@@ -81,15 +85,30 @@ class BestWeights:
 def finetune_teacher(
     request: TeacherRequest, reporter: Reporter | None = None, on_step: StepCallback | None = None
 ) -> tuple[Path, bool]:
-    """Return (directory of the fine-tuned teacher, whether it was reused from an earlier run)."""
+    """Return (directory of the fine-tuned teacher, whether it was reused from an earlier run).
+
+    A second request for the same teacher waits for the first one's lock, then reuses its teacher.
+    """
     base_source = resolve_model_source(request.base_model)
     final = teacher_dir(request, base_source)
     if (final / TEACHER_RECORD).exists():
         return final, True
-    spec = resolve_task(request.task)
-    work = final.with_name(final.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
+    with exclusive_lock(final.with_name(final.name + ".lock")):
+        if (final / TEACHER_RECORD).exists():  # fine-tuned by the process that held the lock before us
+            return final, True
+        work = final.with_name(f"{final.name}.partial-{uuid.uuid4().hex[:12]}")
+        try:
+            train_teacher(request, base_source, work, reporter, on_step)
+            return final, not publish(work, final)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
+
+def train_teacher(
+    request: TeacherRequest, base_source: str, work: Path, reporter: Reporter | None, on_step: StepCallback | None
+) -> None:
+    """Fine-tune into `work`: the best evaluation's weights, tokenizer and `teacher.json`."""
+    spec = resolve_task(request.task)
     set_seed(request.training.seed)
     tokenizer = AutoTokenizer.from_pretrained(base_source)
     model = AutoModelForSequenceClassification.from_pretrained(base_source, num_labels=spec.num_labels)
@@ -105,7 +124,22 @@ def finetune_teacher(
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
         record = {"request": request.model_dump(mode="json"), "base_source": base_source, "metrics": metrics}
         (work / TEACHER_RECORD).write_text(json.dumps(record, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        work.rename(final)
     accelerator.wait_for_everyone()
-    return final, False
+
+
+def publish(work: Path, final: Path) -> bool:
+    """Rename `work` to `final` unless a finished teacher is there already; True if `work` became it.
+
+    A teacher already at `final` (from a process that took no lock) may be loading in other trials:
+    it stays, and `work` is dropped by the caller.
+    """
+    try:
+        work.rename(final)
+        return True
+    except OSError:
+        if (final / TEACHER_RECORD).exists():
+            return False
+        raise ValueError(
+            f"{final} exists but holds no {TEACHER_RECORD}, so it is no finished teacher; move it away "
+            "and ask for the teacher again"
+        ) from None

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import random
+import re
 import resource
 import shutil
 import time
@@ -41,6 +43,7 @@ StepCallback = Callable[[int, int], None]
 CHECKPOINT_STATE = "state.pt"
 CHECKPOINT_PROGRESS = "progress.json"
 BEST_STUDENT = "best_student.pt"  # weights only, for `load_best_model_at_end`
+STEP_FOLDER = re.compile(r"^step-\d{7}$")  # a checkpoint folder's name; pruning touches no other folder
 
 
 @dataclass
@@ -54,6 +57,44 @@ class Progress:
     batches_in_epoch: int = 0
     examples_seen: int = 0
     best_score: float | None = None
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint file this version will not load: it needs more than tensors and plain data."""
+
+
+def load_tensors(path: Path) -> Any:
+    """`torch.load` of tensors and plain data only: a pickle naming any other object is refused, never run.
+
+    Checkpoints come back from storage others may write (Tune's bucket, a shared mount, a folder
+    handed over to resume from), and unpickling runs whatever code the file names.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError):
+        raise not_our_checkpoint(path) from None
+
+
+def read_checkpoint(path: Path) -> tuple[Progress, dict[str, Any]]:
+    """A checkpoint folder's progress and state; CheckpointFormatError where either is not as this version writes."""
+    try:
+        progress = Progress(**json.loads((path / CHECKPOINT_PROGRESS).read_text()))
+    except (TypeError, ValueError):
+        raise not_our_checkpoint(path / CHECKPOINT_PROGRESS) from None
+    state = load_tensors(path / CHECKPOINT_STATE)
+    parts = {"distiller", "optimizer", "scheduler", "rng"}
+    rng = state.get("rng") if isinstance(state, dict) else None
+    if not (isinstance(rng, dict) and parts <= state.keys() and isinstance(rng.get("numpy"), dict)):
+        raise not_our_checkpoint(path / CHECKPOINT_STATE)
+    return progress, state
+
+
+def not_our_checkpoint(path: Path) -> CheckpointFormatError:
+    return CheckpointFormatError(
+        f"{path}: not loaded: it was written by an older distillsweep (whose checkpoints held pickled "
+        "objects) or is not a distillsweep checkpoint; resume from a checkpoint this version wrote, "
+        "or start the run again without resuming"
+    )
 
 
 @dataclass(frozen=True)
@@ -102,15 +143,25 @@ def rows(dataset: Dataset, indices: list[int]) -> list[dict[str, Any]]:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain numbers: what `torch.load(weights_only=True)` reads back."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python, numpy = state["python"], state["numpy"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
+    keys = numpy["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -167,6 +218,8 @@ class DistillationLoop:
         self.output_dir = outputs.directory
         self.accelerator = accelerator
         self.progress = Progress()
+        # This run's checkpoint folders, oldest first: the only ones pruning may delete.
+        self._checkpoints: list[Path] = []
         # fp16 on a GPU: Accelerate's GradScaler, stepped here (_optimizer_step); None otherwise.
         self.scaler = accelerator.scaler
         # Placement and mixed precision here; the data-parallel wrapper is built per stage, over the
@@ -491,7 +544,7 @@ class DistillationLoop:
         last = p.stage_index == len(self.stages) - 1 and p.stage_step == self.steps_per_stage
         if last and self.training.load_best_model_at_end and self.accelerator.is_main_process:
             # After the final checkpoint (which resumes the last step), so only what is saved from here on is the best.
-            self._student().load_state_dict(torch.load(self.output_dir / BEST_STUDENT, map_location="cpu"))
+            self._student().load_state_dict(load_tensors(self.output_dir / BEST_STUDENT))
         export = self.outputs.export_student
         if checkpoint is not None and last and export is not None and self.accelerator.is_main_process:
             export(checkpoint / "student")  # the final checkpoint carries a loadable student
@@ -519,14 +572,22 @@ class DistillationLoop:
         return path
 
     def _prune_checkpoints(self, keep: Path) -> None:
-        existing = sorted(p for p in keep.parent.iterdir() if p.is_dir() and p != keep)
-        for old in existing[: max(0, len(existing) - (self.outputs.keep_checkpoints - 1))]:
+        """Delete this run's oldest checkpoints beyond `keep_checkpoints`; a folder it did not make
+        (a user's `checkpoints/my-model-v1`, another run's) is never touched."""
+        older = [p for p in self._checkpoints if p != keep]
+        self._checkpoints = [*older, keep]
+        for old in older[: max(0, len(older) - (self.outputs.keep_checkpoints - 1))]:
             shutil.rmtree(old, ignore_errors=True)
+            self._checkpoints.remove(old)
+
+    def _adopt_checkpoint(self, path: Path) -> None:
+        """The checkpoint resumed from, when it sits among this run's own: the run continues it, so prunes it."""
+        own = self.output_dir / "checkpoints"
+        if path.resolve().parent == own.resolve() and STEP_FOLDER.match(path.name):
+            self._checkpoints.append(own / path.name)
 
     def load_checkpoint(self, path: Path) -> None:
-        progress = Progress(**json.loads((path / CHECKPOINT_PROGRESS).read_text()))
-        state = torch.load(path / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
-        self.progress = progress
+        self.progress, state = read_checkpoint(path)
         self.accelerator.unwrap_model(self.distiller).load_state_dict(state["distiller"])
         self._start_stage()  # the optimiser of the checkpoint's stage, over that stage's parameters
         self.optimizer.load_state_dict(state["optimizer"])
@@ -534,6 +595,7 @@ class DistillationLoop:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
+        self._adopt_checkpoint(path)
         if (path / BEST_STUDENT).exists() and self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path / BEST_STUDENT, self.output_dir / BEST_STUDENT)
