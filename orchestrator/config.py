@@ -17,7 +17,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from orchestrator.metric_names import unknown_metric_message
 from orchestrator.search import SEARCHERS, SchedulerConfig, SearchConfig
 from orchestrator.spaces import DISTRIBUTIONS, MIX_KEY, Distribution, check_mixes, distribution_kinds, is_distribution
-from trainables.config import StrictModel, TrainingConfig, read_yaml, set_dotted
+from trainables.config import FOLDER_NAME, StrictModel, TrainingConfig, read_yaml, set_dotted
+
+
 
 class Resources(StrictModel):
     cpu: float = Field(default=1.0, gt=0)
@@ -90,8 +92,18 @@ def check_teacher_override(task: str, key: str) -> None:
     raise ValueError(f"per_task.{task}.{key}: a teacher override is base_model or training.<field>{hint}")
 
 
+def check_folder_name(name: str) -> str:
+    """A sweep or study name names its folder under storage: no `.`, `..` or path."""
+    if not FOLDER_NAME.fullmatch(name):
+        raise ValueError(
+            f"{name!r}: a name starts with a letter or digit and holds only letters, digits, '_', '.' and '-' "
+            "(it names a folder under storage; without `name:` it is the file's name without .yaml): set name"
+        )
+    return name
+
+
 class SweepSpec(StrictModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str
     run: Literal["distill", "pretrain"] = Field(
         default="distill", description="distill: task-specific (RunConfig base); pretrain: on text (PretrainConfig base)"
     )
@@ -125,6 +137,11 @@ class SweepSpec(StrictModel):
     per_task: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="task name -> dotted overrides, e.g. the study's per-task learning rates"
     )
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder(cls, name: str) -> str:
+        return check_folder_name(name)
 
     @field_validator("space")
     @classmethod

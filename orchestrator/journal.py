@@ -24,11 +24,12 @@ from typing import IO, Any
 from orchestrator.inputs import dataset_inputs
 from orchestrator.messages import UserError
 from orchestrator.student_models import save_student_model
-from orchestrator.tracking import fail_fast_http
+from orchestrator.tracking import fail_fast_http, redact
 
 JOURNAL_FILE = "mlflow_journal.jsonl"
 DELIVERED_FILE = "mlflow_delivered.jsonl"
 LOCK_FILE = "mlflow_journal.lock"
+STUDENTS_DIR = "students"  # students copied out of trials' checkpoints, each removed once MLflow holds it
 MAX_BACKOFF_S = 15.0
 PERMANENT_ATTEMPTS = 3  # a record the server rejects (4xx) is retried this often, then reported and skipped
 PARAMS_PER_REQUEST = 100  # MLflow's log_batch limit
@@ -51,8 +52,12 @@ def is_permanent(err: BaseException) -> bool:
 
 
 def first_line(err: BaseException) -> str:
-    text = str(err).strip()
+    text = redact(str(err).strip())
     return f"{type(err).__name__}: {text.splitlines()[0][:300]}" if text else type(err).__name__
+
+
+class RefusedRecord(ValueError):
+    """A journal record this sweep cannot have written: it is skipped, and nothing it names is touched."""
 
 
 def end_with_newline(path: Path) -> None:
@@ -63,15 +68,20 @@ def end_with_newline(path: Path) -> None:
 
 
 class MlflowWriter:
-    """Sends journal records to MLflow; with `check`, sends only what the run does not hold yet."""
+    """Sends journal records to MLflow; with `check`, sends only what the run does not hold yet.
 
-    def __init__(self, tracking_uri: str, experiment_id: str, run_ids: dict[str, str]) -> None:
+    The journal is a file in the sweep folder, which others may be able to write: a record may
+    make this process upload and delete only a student under the sweep's own `students/`.
+    """
+
+    def __init__(self, tracking_uri: str, experiment_id: str, run_ids: dict[str, str], sweep_folder: Path) -> None:
         from mlflow import MlflowClient
 
         fail_fast_http()
         self.client = MlflowClient(tracking_uri)
         self.experiment_id = experiment_id
         self.run_ids = run_ids
+        self.sweep_folder = Path(sweep_folder)
         self.logged_steps: dict[tuple[str, str], set[int]] = {}
 
     def send(self, record: dict[str, Any], check: bool) -> str | None:
@@ -109,13 +119,6 @@ class MlflowWriter:
             self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in record["tags"].items()])
         elif kind == "text":
             self.client.log_text(run_id, record["text"], record["file"])
-        elif kind == "artifacts":
-            if Path(record["path"]).exists():
-                self.client.log_artifacts(run_id, record["path"], record.get("artifact_path"))
-                if record.get("remove_after"):
-                    shutil.rmtree(record["path"], ignore_errors=True)
-            elif not check:
-                raise FileNotFoundError(f"{record['path']} is gone; its artifacts cannot be logged")
         elif kind == "inputs":
             if not (check and self.client.get_run(run_id).inputs.dataset_inputs):
                 self.client.log_inputs(run_id, datasets=dataset_inputs(record["datasets"]))
@@ -124,23 +127,34 @@ class MlflowWriter:
         elif kind == "end":
             self.client.set_terminated(run_id, record["status"])
         else:
-            raise ValueError(f"unknown journal record {kind!r}")
+            raise RefusedRecord(f"unknown journal record {kind!r} for {key}: distillsweep writes none such")
         return None
+
+    def student_folder(self, record: dict[str, Any]) -> Path:
+        """The student a `model` record names: relative to the sweep folder (older journals: absolute),
+        and only inside the sweep's own students/ folder."""
+        students = (self.sweep_folder / STUDENTS_DIR).resolve()
+        path = (self.sweep_folder / record["path"]).resolve()  # an absolute path replaces the folder
+        if path.parent != students:
+            raise RefusedRecord(f"model for {record['key']}: {record['path']} is not a student in {students}; "
+                                "nothing there was uploaded or deleted")
+        return path
 
     def deliver_model(self, run_id: str, record: dict[str, Any], check: bool) -> None:
         """Log the student saved at `path` as an MLflow model; a resend skips a run that holds one."""
+        path = self.student_folder(record)
         if check and any(a.path.endswith("MLmodel") for a in self.client.list_artifacts(run_id, record["artifact_path"])):
-            shutil.rmtree(record["path"], ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)
             return
-        if not Path(record["path"]).exists():
+        if not path.exists():
             if check:
                 return
-            raise FileNotFoundError(f"{record['path']} is gone; the student cannot be logged")
+            raise FileNotFoundError(f"{path} is gone; the student cannot be logged")
         with tempfile.TemporaryDirectory() as folder:
             model = Path(folder) / "model"
-            save_student_model(Path(record["path"]), model, record["kind"])
+            save_student_model(path, model, record["kind"])
             self.client.log_artifacts(run_id, str(model), record["artifact_path"])
-        shutil.rmtree(record["path"], ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
 
     def steps_held(self, run_id: str, name: str) -> set[int]:
         if (run_id, name) not in self.logged_steps:
@@ -237,7 +251,7 @@ class Journal:
     @property
     def writer(self) -> MlflowWriter:
         if self._writer is None:
-            self._writer = MlflowWriter(self.tracking_uri, self._experiment_id, self.run_ids)
+            self._writer = MlflowWriter(self.tracking_uri, self._experiment_id, self.run_ids, self.folder)
         return self._writer
 
     def append(self, record: dict[str, Any]) -> bool:
@@ -285,6 +299,8 @@ class Journal:
         seq = record["seq"]
         try:
             run_id = self.writer.send(record, check=seq in self._uncertain)
+        except RefusedRecord as err:
+            self._drop(record, f"refused journal record {seq}: {err}")
         except Exception as err:  # any transport or server error: keep the record and say what failed
             self._uncertain.add(seq)
             self.last_error = first_line(err)
@@ -293,10 +309,8 @@ class Journal:
             self._attempts[seq] = self._attempts.get(seq, 0) + 1
             if self._attempts[seq] < PERMANENT_ATTEMPTS:
                 return False
-            reason = f"{record['op']} for {record['key']}: {self.last_error}"
-            print(f"[distillsweep] MLflow rejected a record {PERMANENT_ATTEMPTS} times; skipped it ({reason})")
-            self.dropped.append(reason)
-            self._note_delivered(record, None, dropped=reason)
+            self._drop(record, f"MLflow rejected {record['op']} for {record['key']} {PERMANENT_ATTEMPTS} times: "
+                               f"{self.last_error}")
         else:
             self._note_delivered(record, run_id)
             self.sent += 1
@@ -304,6 +318,12 @@ class Journal:
             self._queue.popleft()
             self._cond.notify_all()
         return True
+
+    def _drop(self, record: dict[str, Any], reason: str) -> None:
+        """Skip a record for good, saying why."""
+        print(f"[distillsweep] skipped an MLflow record: {reason}")
+        self.dropped.append(reason)
+        self._note_delivered(record, None, dropped=reason)
 
     def start(self) -> None:
         """Deliver in the background until `close`."""
@@ -329,13 +349,13 @@ class Journal:
         self._failures += 1
         if self.down_since is None:
             self.down_since = time.time()
-            print(f"[distillsweep] MLflow at {self.tracking_uri} did not answer ({self.last_error}); training goes "
+            print(f"[distillsweep] MLflow at {redact(self.tracking_uri)} did not answer ({self.last_error}); training goes "
                   "on and its records wait in the sweep's journal")
 
     def _answered(self) -> None:
         self._failures = 0
         if self.down_since is not None:
-            print(f"[distillsweep] MLflow at {self.tracking_uri} answers again after "
+            print(f"[distillsweep] MLflow at {redact(self.tracking_uri)} answers again after "
                   f"{time.time() - self.down_since:.0f} s; sending the records it missed")
             self.down_since = None
 

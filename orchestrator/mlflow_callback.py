@@ -17,12 +17,12 @@ from typing import Any
 
 from ray.tune import Callback
 
-from orchestrator.journal import Delivery, Journal, open_journal
+from orchestrator.journal import STUDENTS_DIR, Delivery, Journal, open_journal
 from orchestrator.outcome import ENDED_STATES, OUTCOME_FILE, TrialOutcome, trial_outcome
 from orchestrator.report import read_outcome, read_result_rows, tune_trial_states
-from orchestrator.state import SweepState
+from orchestrator.state import SweepState, write_private
 from orchestrator.student_models import STUDENT_ARTIFACT
-from orchestrator.tracking import numeric_metrics, run_params, run_tags
+from orchestrator.tracking import numeric_metrics, redact, run_params, run_tags, with_credentials
 from orchestrator.trials import TrialTemplate
 from trainables.config import RUN_CONFIG
 
@@ -49,10 +49,15 @@ class SweepTracker(Callback):
         self.source_runs = source_runs or {}
         self.task_inputs = task_inputs or {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Tune saves its callbacks with the experiment, in storage: the tracking URI without credentials."""
+        return self.__dict__ | {"tracking_uri": redact(self.tracking_uri)}
+
     @property
     def journal(self) -> Journal:
         """Opened on first use, also in the copy Tune unpickles on `resume`; delivers in the background."""
-        journal = open_journal(self.journal_dir, self.tracking_uri, self.experiment_id, {"sweep": self.parent_run_id})
+        journal = open_journal(self.journal_dir, with_credentials(self.tracking_uri), self.experiment_id,
+                               {"sweep": self.parent_run_id})
         journal.start()
         return journal
 
@@ -124,7 +129,7 @@ class SweepTracker(Callback):
             f"{checkpoint.path}/student", str(local), source_filesystem=checkpoint.filesystem,
             destination_filesystem=pyarrow.fs.LocalFileSystem(),
         )
-        self.journal.append({"op": "model", "key": self.key(trial), "path": str(local),
+        self.journal.append({"op": "model", "key": self.key(trial), "path": f"{STUDENTS_DIR}/{trial.trial_id}",
                              "artifact_path": STUDENT_ARTIFACT, "kind": self.template.kind})
         self.journal.append({"op": "tags", "key": self.key(trial), "tags": {"student_logged": "true"}})
 
@@ -143,7 +148,7 @@ class SweepTracker(Callback):
         journal.close()
         if left:
             print(
-                f"[distillsweep] MLflow at {self.tracking_uri} did not take {left} records ({error}); they are kept "
+                f"[distillsweep] MLflow at {redact(self.tracking_uri)} did not take {left} records ({error}); they are kept "
                 f"in the sweep's journal. When the server answers, run: distillsweep sync {self.journal_dir}"
             )
         return left
@@ -217,10 +222,18 @@ TUNE_BOOKKEEPING = {
 
 
 def write_outcome(trial: Any, outcome: TrialOutcome) -> None:
-    """Put the outcome beside the trial's result.json, wherever storage is."""
+    """Put the outcome beside the trial's result.json, wherever storage is: whole (an object store
+    writes objects whole; a folder gets a file replaced at once), and private where it is a folder."""
+    import pyarrow.fs
+
+    text = json.dumps(outcome.as_dict())
+    filesystem = trial.storage.storage_filesystem
     try:
-        with trial.storage.storage_filesystem.open_output_stream(f"{trial.path}/{OUTCOME_FILE}") as stream:
-            stream.write(json.dumps(outcome.as_dict()).encode())
+        if isinstance(filesystem, pyarrow.fs.LocalFileSystem):
+            write_private(Path(trial.path) / OUTCOME_FILE, text)
+            return
+        with filesystem.open_output_stream(f"{trial.path}/{OUTCOME_FILE}") as stream:
+            stream.write(text.encode())
     except Exception as err:  # bookkeeping must never fail the sweep; status and report derive it again
         print(f"[distillsweep] could not write the outcome of trial {trial.trial_id}: {err}")
 

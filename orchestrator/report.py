@@ -74,11 +74,15 @@ def read_result_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def read_outcome(trial_dir: Path, tune_status: str, last_result: dict[str, Any] | None) -> TrialOutcome:
-    """The outcome the tracker wrote when the trial ended, else derived from what is on disk."""
+    """The outcome the tracker wrote when the trial ended, else derived from what is on disk (also
+    where a kill cut the written one short)."""
     written = trial_dir / OUTCOME_FILE
     if written.exists() and tune_status in ("TERMINATED", "ERROR", "UNKNOWN"):
-        data = json.loads(written.read_text())
-        return TrialOutcome(data["outcome"], data["step"], data["total_steps"], data.get("error", ""))
+        try:
+            data = json.loads(written.read_text())
+            return TrialOutcome(data["outcome"], data["step"], data["total_steps"], data.get("error", ""))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # cut short by a kill: derived below, as if it were absent
     error_file = trial_dir / "error.txt"
     error = ""
     if error_file.exists():

@@ -7,15 +7,17 @@ Tune's experiment folder, so every command after `sweep` needs only the sweep's 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from orchestrator.config import SweepSpec
-from orchestrator.messages import UserError
+from orchestrator.messages import UserError, first_line
 from orchestrator.search import SEARCHERS
-from orchestrator.tracking import default_tracking_uri
+from orchestrator.tracking import default_tracking_uri, keep_credentials, redact, with_credentials
 from orchestrator.trials import TrialTemplate, labelled_choices
 
 STATE_FILE = "distillsweep.json"
@@ -60,19 +62,66 @@ def sweep_dir(spec: SweepSpec) -> Path:
 
 
 def tracking_uri_for(spec: SweepSpec) -> str:
+    """The sweep's tracking URI, credentials included (kept in this process only)."""
     if spec.tracking.uri:
-        return spec.tracking.uri
+        return keep_credentials(spec.tracking.uri)
     storage = Storage.of(spec.storage)
-    return default_tracking_uri(None if storage.is_remote else Path(storage.root))
+    return keep_credentials(default_tracking_uri(None if storage.is_remote else Path(storage.root)))
+
+
+def private_folder(folder: Path) -> Path:
+    """Create `folder` (and its parents) for this user only where the umask allows: 0700 for the last one."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return folder
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a state file whole or not at all (a kill mid-write leaves the old one), readable by its
+    owner only: it names the sweep's storage, tracking store and runs."""
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")  # mode 0600
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+
+
+def read_state_file(path: Path, what: str) -> dict[str, Any]:
+    """A state file's fields; a missing or unreadable one is a message saying which and what to do."""
+    if not path.exists():
+        raise UserError(f"{path.parent}: not a {what} folder (no {path.name}); give the folder distillsweep printed")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"{path} cannot be read ({first_line(err)}): it was cut short or changed by hand; the trials' own folders "
+            f"keep their results, but this {what}'s commands need the file"
+        ) from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected the {what}'s fields, found {type(data).__name__}")
+    return data
+
+
+def public_json(fields: dict[str, Any]) -> str:
+    """`fields` as JSON with every URL's credentials hidden: what files and artifacts may show."""
+    return redact(json.dumps(fields, indent=2, default=str))
 
 
 @dataclass
 class SweepState:
-    """What `resume`, `status` and `report` need to know about a sweep."""
+    """What `resume`, `status` and `report` need to know about a sweep.
+
+    `sweep_dir` is the folder it was loaded from (a copied or moved sweep works on itself); `uri`
+    is the tracking URI, whose credentials the state file leaves out.
+    """
 
     spec: dict[str, Any]
     sweep_dir: str
-    tracking_uri: str
+    uri: str
     experiment_id: str
     parent_run_id: str
     teachers: dict[str, str]
@@ -81,18 +130,33 @@ class SweepState:
     source_runs: dict[str, str] = field(default_factory=dict)
     # task name -> its train and validation sets as MLflow dataset fields (orchestrator.inputs)
     task_inputs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # where the sweep was started, when it was loaded from another folder (a copy, or moved)
+    started_in: str | None = field(default=None, repr=False)
 
     def save(self) -> None:
-        path = Path(self.sweep_dir) / STATE_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2, default=str))
+        fields = asdict(self)
+        del fields["started_in"]
+        fields["tracking_uri"] = fields.pop("uri")
+        write_private(private_folder(Path(self.sweep_dir)) / STATE_FILE, public_json(fields))
 
     @classmethod
     def load(cls, sweep_dir: Path) -> SweepState:
-        path = Path(sweep_dir).expanduser().resolve() / STATE_FILE
-        if not path.exists():
-            raise UserError(f"{sweep_dir}: not a sweep folder (no {STATE_FILE}); give the folder `sweep` printed")
-        return cls(**json.loads(path.read_text()))
+        folder = Path(sweep_dir).expanduser().resolve()
+        fields = read_state_file(folder / STATE_FILE, "sweep")
+        fields["uri"] = fields.pop("tracking_uri", "")
+        saved_in = fields.get("sweep_dir")
+        fields["sweep_dir"] = str(folder)
+        try:
+            state = cls(**fields)
+        except TypeError as err:
+            raise UserError(f"{folder / STATE_FILE}: not a distillsweep state file ({err})") from None
+        state.started_in = saved_in if saved_in != str(folder) else None
+        return state
+
+    @property
+    def tracking_uri(self) -> str:
+        """The tracking URI with its credentials: as started, or from $MLFLOW_TRACKING_URI after a load."""
+        return with_credentials(self.uri)
 
     @cached_property
     def sweep_spec(self) -> SweepSpec:
@@ -109,7 +173,10 @@ class SweepState:
 
     @property
     def experiment_dir(self) -> Path:
-        """Tune's experiment folder, for reading its files here."""
+        """Tune's experiment folder, for reading its files here: the sweep folder itself unless
+        `state_dir` put the sweep's own state elsewhere."""
+        if self.sweep_spec.state_dir is None and not self.storage.is_remote:
+            return Path(self.sweep_dir)
         return self.storage.local_experiment(self.sweep_spec.name)
 
     @cached_property

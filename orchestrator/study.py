@@ -8,22 +8,31 @@ objective and task, the best dev score over the fine-tuning grid, as the study d
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from orchestrator.config import Resources, SweepSpec, TrackingConfig
+from orchestrator.config import Resources, SweepSpec, TrackingConfig, check_folder_name
 from orchestrator.messages import UserError
 from orchestrator.preflight import validate
 from orchestrator.report import markdown_table, read_trials
 from orchestrator.search import SchedulerConfig, SearchConfig
-from orchestrator.state import STATE_FILE, STUDY_FILE, SweepState, sweep_dir
+from orchestrator.state import (
+    STATE_FILE,
+    STUDY_FILE,
+    SweepState,
+    private_folder,
+    public_json,
+    read_state_file,
+    sweep_dir,
+    write_private,
+)
 from orchestrator.student_models import STUDENT_ARTIFACT
 from orchestrator.sweep import resume_sweep, start_sweep
+from orchestrator.tracking import keep_credentials
 from trainables.config import StrictModel, read_yaml, set_dotted
 
 PLACEHOLDER_STUDENT = "models:/stage-1-student/1"
@@ -43,12 +52,17 @@ class StageSpec(StrictModel):
 
 
 class StudySpec(StrictModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str
     distill: StageSpec
     finetune: StageSpec
     storage: str = "runs/sweeps"
     tracking: TrackingConfig = TrackingConfig()
     state_dir: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder(cls, name: str) -> str:
+        return check_folder_name(name)
 
     def stage(self, which: str, students: list[str] | None = None) -> SweepSpec:
         """The SweepSpec of stage `distill` or `finetune` (students fill the fine-tuning grid)."""
@@ -72,16 +86,17 @@ class StudyState:
     students: dict[str, str]  # models:/ URI -> objective mix of the run that distilled it
 
     def save(self) -> None:
-        path = Path(self.study_dir) / STUDY_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2))
+        write_private(private_folder(Path(self.study_dir)) / STUDY_FILE, public_json(asdict(self)))
 
     @classmethod
     def load(cls, study_dir: Path) -> StudyState:
-        path = Path(study_dir).expanduser().resolve() / STUDY_FILE
-        if not path.exists():
-            raise UserError(f"{study_dir}: not a study folder (no {STUDY_FILE})")
-        return cls(**json.loads(path.read_text()))
+        """The study saved in `study_dir`, which it then works on (a copied or moved study works on itself)."""
+        folder = Path(study_dir).expanduser().resolve()
+        fields = read_state_file(folder / STUDY_FILE, "study")
+        try:
+            return cls(**(fields | {"study_dir": str(folder)}))
+        except TypeError as err:
+            raise UserError(f"{folder / STUDY_FILE}: not a distillsweep study file ({err})") from None
 
 
 def load_study_spec(path: Path, overrides: dict[str, Any] | None = None) -> StudySpec:
@@ -133,6 +148,8 @@ def distilled_students(state: SweepState, study_name: str) -> dict[str, str]:
 
 def run_study(spec: StudySpec, address: str | None = None) -> StudyState:
     check_study(spec)
+    if spec.tracking.uri:
+        keep_credentials(spec.tracking.uri)  # a resumed stage's state file holds the URI without them
     distill_state = run_stage(spec.stage("distill"), address)
     students = distilled_students(distill_state, spec.name)
     if not students:
@@ -149,7 +166,8 @@ def study_report(study_dir: Path) -> tuple[Path, str]:
     """Objective x task: the best dev score over the fine-tuning grid; saved and logged to MLflow."""
     study = StudyState.load(study_dir)
     spec = StudySpec.model_validate(study.spec)
-    state = SweepState.load(sweep_dir(spec.stage("finetune", sorted(study.students))))
+    # the stages' sweep folders sit beside the study's (run_study puts it there)
+    state = SweepState.load(Path(study.study_dir).parent / spec.stage("finetune", sorted(study.students)).name)
     rows = []
     for record in read_trials(state.experiment_dir, state.template):
         if record.outcome.kind != "completed":

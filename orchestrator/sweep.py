@@ -4,6 +4,7 @@ resources and storage."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,41 +12,82 @@ from orchestrator.config import SweepSpec
 from orchestrator.console import RAY_LOG, SweepProgress, TableLog, log_tune_to
 from orchestrator.experiment_state import repair
 from orchestrator.inputs import describe_tasks
+from orchestrator.journal import STUDENTS_DIR
 from orchestrator.messages import UserError, first_line, last_line
 from orchestrator.mlflow_callback import SweepTracker, reconcile_with_tune
 from orchestrator.outcome import trial_outcome
 from orchestrator.preflight import validate
 from orchestrator.retention import CheckpointRetention
 from orchestrator.search import SCHEDULERS, SEARCHERS, STRICT_METRIC_CHECK
-from orchestrator.state import STATE_FILE, SweepState, sweep_dir, tracking_uri_for
+from orchestrator.state import STATE_FILE, SweepState, public_json, sweep_dir, tracking_uri_for
 from orchestrator.teachers import prepare_teachers, resolve_demo_teacher
-from orchestrator.tracking import ensure_experiment, fail_fast_http, registered_source_runs
+from orchestrator.tracking import (
+    ensure_experiment,
+    fail_fast_http,
+    keep_credentials,
+    redact,
+    registered_source_runs,
+)
 from orchestrator.tune_files import ResultRowsKeeper, StateKeeper
 from trainables.tune_trainable import distillation_trial
 
-# Settings trials need wherever they run: offline hub use, caches, and MLflow / object-store
-# credentials (a teacher given as an MLflow model URI is downloaded inside the trial).
-FORWARDED_ENV = ("HF_", "DISTILLSWEEP_", "MLFLOW_", "AWS_", "GOOGLE_", "AZURE_")
+# Non-secret settings trials need wherever they run: offline hub use, caches, endpoints, regions.
+# Ray keeps a runtime environment in its job table (the dashboard's jobs API) and its session
+# logs, so credentials never go there: workers get them as each recipe gives them (instance
+# profile, pod env, srun env; a private local Ray inherits the driver's environment).
+FORWARDED_ENV = frozenset({
+    "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT",
+    "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TRANSFORMERS_OFFLINE",
+    "TRANSFORMERS_VERBOSITY", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_S3_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+})
+FORWARDED_PREFIXES = ("DISTILLSWEEP_",)
+SECRET_NAME = re.compile("SECRET|TOKEN|PASSWORD|KEY|CREDENTIAL", re.IGNORECASE)
+
+
+def forwarded_env(tracking_uri: str) -> dict[str, str]:
+    """The driver's settings trials get through Ray: the allowlist, never a name that looks secret,
+    and the tracking URI (trials read students given as runs:/ URIs from it) unless it holds credentials."""
+    env = {name: value for name, value in os.environ.items()
+           if (name in FORWARDED_ENV or name.startswith(FORWARDED_PREFIXES)) and not SECRET_NAME.search(name)}
+    if redact(tracking_uri) == tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    return env
+
+
+def keep_cloud_keys_out_of_trials() -> None:
+    """Tune copies the driver's AWS keys into every trial actor's runtime env, which Ray's
+    runtime-env agent writes into its log; trials get them as the recipes give them instead."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = {name for name in class_cache.ENV_VARS_TO_PROPAGATE
+                                         if not SECRET_NAME.search(name)}
 
 
 def init_ray(address: str | None, spec: SweepSpec, tracking_uri: str, verbose: bool = True) -> None:
     import ray
 
+    keep_cloud_keys_out_of_trials()
     if ray.is_initialized():
         return
     env = {
         "OMP_NUM_THREADS": str(max(1, int(spec.resources.cpu))),
         "OMP_WAIT_POLICY": "PASSIVE",
         "TOKENIZERS_PARALLELISM": "false",
-        "MLFLOW_TRACKING_URI": tracking_uri,  # trials read students given as runs:/ URIs from it
-    }
-    env |= {name: value for name, value in os.environ.items() if name.startswith(FORWARDED_ENV)}
+    } | forwarded_env(tracking_uri)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").exists():
             os.environ["RAY_AUTH_MODE"] = "token"  # a cluster started here by `ray start` wants the token
+        if "MLFLOW_TRACKING_URI" not in env:
+            print(f"[distillsweep] the tracking URI {redact(tracking_uri)} holds credentials, which are not sent "
+                  "to Ray: trials that read models from MLflow need MLFLOW_TRACKING_URI in the workers' own "
+                  "environment (the cluster recipes set it)")
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=verbose)
     else:
+        if "MLFLOW_TRACKING_URI" not in env:
+            os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # the private Ray's processes inherit it
         # A private instance: Ray would otherwise join any cluster `ray start` left on this machine
         # (`--address auto` asks for that).
         ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=verbose)
@@ -66,7 +108,8 @@ def start_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = Fal
         experiment_id = ensure_experiment(client, spec.tracking.experiment, uri)
     except Exception as err:
         raise UserError(
-            f"MLflow tracking store {uri} does not answer ({first_line(err)}): start the server or set tracking.uri"
+            f"MLflow tracking store {redact(uri)} does not answer ({redact(first_line(err))}): start the server "
+            "or set tracking.uri"
         ) from None
     spec = spec.model_copy(update={"base": resolve_demo_teacher(spec.trial_base())})
     init_ray(address, spec, uri, verbose)
@@ -76,12 +119,12 @@ def start_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = Fal
         run_name=spec.name,
         tags={"distillsweep_sweep": spec.name, "distillsweep_role": "sweep", "sweep_dir": str(folder)},
     )
-    client.log_dict(parent.info.run_id, spec.model_dump(mode="json"), "sweep_spec.json")
+    client.log_text(parent.info.run_id, public_json(spec.model_dump(mode="json")), "sweep_spec.json")
     client.log_batch(parent.info.run_id, params=sweep_params(spec, len(configs)))
     state = SweepState(
         spec=spec.model_dump(mode="json"),
         sweep_dir=str(folder),
-        tracking_uri=uri,
+        uri=uri,
         experiment_id=experiment_id,
         parent_run_id=parent.info.run_id,
         teachers=teachers,
@@ -112,9 +155,15 @@ def sweep_params(spec: SweepSpec, checked: int) -> list[Any]:
 
 
 def resume_sweep(folder: Path, address: str | None = None, retry_errored: bool = False,
-                 verbose: bool = False) -> SweepState:
-    """Continue an interrupted sweep: finished trials stay, unfinished ones resume from checkpoints."""
+                 verbose: bool = False, tracking_uri: str | None = None) -> SweepState:
+    """Continue an interrupted sweep: finished trials stay, unfinished ones resume from checkpoints.
+    `tracking_uri` gives the credentials the state file leaves out (else $MLFLOW_TRACKING_URI)."""
+    if tracking_uri:
+        keep_credentials(tracking_uri)
     state = SweepState.load(folder)
+    if state.started_in:
+        raise UserError(f"{state.sweep_dir}: this sweep was started in {state.started_in}, and Tune's saved state "
+                        "names that folder; resume it there (status, report and sync work on any copy)")
     run_tuner(state, address, restore=True, retry_errored=retry_errored, verbose=verbose)
     return state
 
@@ -166,7 +215,7 @@ def run_tuner(state: SweepState, address: str | None, restore: bool, retry_error
     init_ray(address, spec, state.tracking_uri, verbose)
     tracker = SweepTracker(state.tracking_uri, state.experiment_id, state.parent_run_id, spec.name,
                            state.template, Path(state.sweep_dir),
-                           students_dir=Path(state.sweep_dir) / "students" if spec.log_students else None,
+                           students_dir=Path(state.sweep_dir) / STUDENTS_DIR if spec.log_students else None,
                            source_runs=state.source_runs, task_inputs=state.task_inputs)
     experiment_path = state.storage.experiment(spec.name)
     if restore:

@@ -7,10 +7,12 @@ artifacts in an absolute folder, because Ray trials run in their own working dir
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
+from orchestrator.messages import UserError
 from trainables.config import PretrainConfig, RunConfig
 
 DEFAULT_DB = "mlflow.db"
@@ -25,6 +27,51 @@ def fail_fast_http() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+# scheme://netloc; the userinfo is what precedes the netloc's last "@"
+URL = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)([^/\s?#'\"]+)")
+HIDDEN = "***"
+# redacted URI -> the URI with its credentials, known to this process only (never written anywhere)
+_CREDENTIALED: dict[str, str] = {}
+
+
+def _hide_userinfo(match: re.Match[str]) -> str:
+    userinfo, at, host = match[2].rpartition("@")
+    if not at:
+        return match[0]
+    user, colon, _ = userinfo.partition(":")
+    return f"{match[1]}{user + ':' if colon else ''}{HIDDEN}@{host}"
+
+
+def redact(text: str) -> str:
+    """`text` with the password (or a lone token) of every URL's userinfo replaced by ***:
+    `postgresql://user:pw@db/mlflow` -> `postgresql://user:***@db/mlflow`. Used for every message,
+    artifact, tag and file that names a tracking URI, which readers of those must not learn."""
+    return URL.sub(_hide_userinfo, text)
+
+
+def keep_credentials(uri: str) -> str:
+    """Remember `uri` in this process, so its redacted form read back from a state file works; returns it.
+    MLflow's "View run at <URI>" lines are turned off where the URI holds credentials."""
+    if redact(uri) != uri:
+        _CREDENTIALED[redact(uri)] = uri
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    return uri
+
+
+def with_credentials(uri: str) -> str:
+    """The tracking URI whose redacted form is `uri`: known to this process, or $MLFLOW_TRACKING_URI."""
+    if f"{HIDDEN}@" not in uri:
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        keep_credentials(os.environ["MLFLOW_TRACKING_URI"])
+    if uri in _CREDENTIALED:
+        return _CREDENTIALED[uri]
+    raise UserError(
+        f"the tracking URI {uri} needs credentials, which distillsweep never stores: set MLFLOW_TRACKING_URI "
+        "to the full URI (password included) in this shell and run the command again"
+    )
 
 
 def default_tracking_uri(root: Path | None = None) -> str:
