@@ -23,9 +23,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from orchestrator.messages import UserError, describe_error
+from orchestrator.messages import UserError, brief, describe_error
 from orchestrator.tracking import fail_fast_http
-from trainables.config import read_yaml
+from trainables.config import RefusedYAML, load_yaml, read_yaml
 
 
 def prepare_libraries() -> None:
@@ -41,6 +41,7 @@ def prepare_libraries() -> None:
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0],
     callback=lambda: prepare_libraries(),
+    pretty_exceptions_show_locals=False,  # a traceback must not print the locals: configs, URIs, tokens
 )
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -68,16 +69,19 @@ def user_errors(command: F) -> F:
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
-    """`key=value` strings into a dict, values parsed as YAML (numbers, lists, booleans)."""
+    """`key=value` strings into a dict, values parsed as YAML (numbers, lists, booleans; no aliases,
+    as in files)."""
     overrides: dict[str, Any] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise UserError(f"--set {pair!r}: expected KEY=VALUE, e.g. training.learning_rate=1e-4")
+            raise UserError(f"--set {brief(pair)}: expected KEY=VALUE, e.g. training.learning_rate=1e-4")
         try:
-            overrides[key.strip()] = yaml.safe_load(value)
+            overrides[key.strip()] = load_yaml(value)
+        except RefusedYAML as err:
+            raise UserError(f"--set {brief(pair)}: {err.problem}") from None
         except yaml.YAMLError:
-            raise UserError(f"--set {pair!r}: the value is not valid YAML; quote it, e.g. --set 'key=\"text\"'") from None
+            raise UserError(f"--set {brief(pair)}: the value is not valid YAML; quote it, e.g. --set 'key=\"text\"'") from None
     return overrides
 
 
@@ -104,6 +108,12 @@ def print_metrics(title: str, metrics: dict[str, Any]) -> None:
     Console().print(table)
 
 
+def print_data(text: str) -> None:
+    """Print text made of data (a report's task names, trial errors) as written: as `Text`, Rich
+    reads no `[/]` or `[link=...]` in it as markup."""
+    Console().print(Text(text))
+
+
 @app.command()
 @user_errors
 def run(
@@ -113,13 +123,14 @@ def run(
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI")] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "distillsweep",
     resume: Annotated[Path | None, typer.Option(help="checkpoint directory to resume from")] = None,
+    overwrite: Annotated[bool, typer.Option(help="write into an output_dir that already holds files")] = False,
 ) -> None:
-    """Run one distillation from a config file."""
-    from orchestrator.single_run import run_single
+    """Run one distillation from a config file (without output_dir: into a new folder under runs/)."""
+    from orchestrator.single_run import claim_output_dir, run_single
     from orchestrator.teachers import DEMO_TEACHER, demo_teacher
     from trainables.config import load_run_config
 
-    cfg = load_run_config(config, parse_overrides(set_))
+    cfg = claim_output_dir(load_run_config(config, parse_overrides(set_)), resume, overwrite)
     if cfg.teacher == DEMO_TEACHER:
         cfg = cfg.model_copy(update={"teacher": str(demo_teacher())})
     bar, on_step = step_progress(f"distilling {cfg.objective_mix}")
@@ -192,7 +203,7 @@ def demo(
     from orchestrator.demo import run_demo
 
     folder = run_demo(workdir.resolve(), address, verbose)
-    Console().print((folder / "report" / "report.md").read_text())
+    print_data((folder / "report" / "report.md").read_text())
     console.print(
         f"sweep folder: {folder}\n  distillsweep status {folder}\n  distillsweep ui {folder}   "
         "# MLflow UI on http://127.0.0.1:5000"
@@ -231,7 +242,7 @@ def print_space(spec: Any, checked: int) -> None:
     table.add_column("space entry")
     table.add_column("values")
     for key, value in spec.space.items():
-        shown = f"{value.kind} {getattr(value, value.kind)}" if isinstance(value, Distribution) else repr(value)
+        shown = f"{value.kind} {brief(getattr(value, value.kind))}" if isinstance(value, Distribution) else brief(value)
         table.add_row(key, Text(shown))  # Text: values are shown as written, never read as markup
     out = Console()
     out.print(table)
@@ -263,22 +274,22 @@ def status(sweep_dir: Annotated[Path, typer.Argument(help="the sweep folder")]) 
     from orchestrator.disk import describe, sweep_disk_use
     from orchestrator.status import trial_statuses, undelivered_records
 
-    table = Table(title=str(sweep_dir))
+    table = Table(title=Text(str(sweep_dir)))
     for column in ("trial", "state", "outcome", "objective mix", "init", "task", "seed", "step", "score"):
         table.add_column(column)
     rows = trial_statuses(sweep_dir)
-    for row in rows:
-        table.add_row(*(str(row[c]) for c in ("trial", "state", "outcome", "objective_mix", "init", "task", "seed", "step", "score")))
+    for row in rows:  # cells as Text: task names and trial errors are data, never markup
+        table.add_row(*(Text(str(row[c])) for c in ("trial", "state", "outcome", "objective_mix", "init", "task", "seed", "step", "score")))
     Console().print(table)
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["outcome_kind"]] = counts.get(row["outcome_kind"], 0) + 1
-    Console().print(", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())))
-    Console().print(describe(sweep_disk_use(sweep_dir)))
+    print_data(", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())))
+    print_data(describe(sweep_disk_use(sweep_dir)))
     waiting = undelivered_records(sweep_dir)
     if waiting:
-        Console().print(f"MLflow has not confirmed {waiting} records of this sweep yet: if its driver has ended, "
-                        f"run `distillsweep sync {sweep_dir}`")
+        print_data(f"MLflow has not confirmed {waiting} records of this sweep yet: if its driver has ended, "
+                   f"run `distillsweep sync {sweep_dir}`")
 
 
 @app.command()
@@ -303,7 +314,7 @@ def study(
         return
     state = run_study(spec, address)
     _, markdown = study_report(Path(state.study_dir))
-    Console().print(markdown)
+    print_data(markdown)
     console.print(f"study folder: {state.study_dir}")
 
 
@@ -327,7 +338,7 @@ def report(
         from orchestrator.study import study_report
 
         md_path, markdown = study_report(sweep_dir)
-        Console().print(markdown)
+        print_data(markdown)
         console.print(f"saved {md_path}")
         return
 
@@ -336,7 +347,7 @@ def report(
     from orchestrator.report import build_report
 
     md_path, csv_path, markdown, logged = build_report(sweep_dir, value, include_stopped)
-    Console().print(markdown)
+    print_data(markdown)
     console.print(f"saved {md_path.parent / 'report.html'} (tables and figures) and {csv_path}"
                   + ("; logged to MLflow" if logged else ""))
     if register:
@@ -356,7 +367,7 @@ def ui(
     the URL of the sweep's runs page."""
     import subprocess
 
-    from orchestrator.tracking import default_tracking_uri, runs_page_url
+    from orchestrator.tracking import default_tracking_uri, redact, runs_page_url, with_credentials
 
     uri = default_tracking_uri()
     experiment_id = None
@@ -364,16 +375,17 @@ def ui(
         from orchestrator.state import SweepState
 
         state = SweepState.load(sweep_dir)
-        uri, experiment_id = state.tracking_uri, state.experiment_id
+        uri, experiment_id = state.uri, state.experiment_id  # credentials, if any, only where needed below
     if not uri.startswith(("sqlite:", "file:", "/", "mysql", "postgresql")):
         where = runs_page_url(uri, experiment_id) if experiment_id else uri
-        raise UserError(f"the tracking store is a server: open {where} in a browser instead")
+        raise UserError(f"the tracking store is a server: open {redact(where)} in a browser instead")
     server = f"http://127.0.0.1:{port}"
     page = runs_page_url(server, experiment_id) if experiment_id else server
-    console.print(f"MLflow UI for {uri} (Ctrl-C stops it); the sweep's runs:\n{page}", soft_wrap=True)
+    console.print(f"MLflow UI for {redact(uri)} (Ctrl-C stops it); the sweep's runs:\n{page}", soft_wrap=True)
+    # the store's URI through the environment: a command line is visible to every user of the machine
     raise typer.Exit(
-        subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                         "--host", "127.0.0.1", "--port", str(port)])
+        subprocess.call([sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(port)],
+                        env=os.environ | {"MLFLOW_BACKEND_STORE_URI": with_credentials(uri)})
     )
 
 
@@ -389,7 +401,7 @@ def sync(
     delivery = sync_journal(sweep_dir, attempts)
     console.print(f"sent {delivery.sent} MLflow records" + (f"; {delivery.left} still unsent" if delivery.left else ""))
     for reason in delivery.dropped:
-        console.print(f"MLflow rejected: {reason}")
+        console.print(f"skipped: {reason}")
     if delivery.left:
         raise UserError(f"MLflow did not answer ({delivery.last_error}); run `distillsweep sync {sweep_dir}` again "
                         "when it does: the records stay in the sweep's journal")

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from orchestrator.config import SweepSpec
-from orchestrator.messages import UserError, describe_error
+from orchestrator.messages import UserError, brief, describe_error
 from orchestrator.spaces import MIX_KEY, Distribution, objective_of
 from orchestrator.teachers import teacher_shape, teacher_source
 from orchestrator.trials import TrialTemplate
@@ -96,11 +96,11 @@ def check_space(spec: SweepSpec, teacher_shape: Callable[[RunConfig], tuple[int,
     template = TrialTemplate(spec.base, spec.per_task, kind=spec.run)
     assignments = representative_assignments(spec)
     for assignment in assignments:
-        drawn = ", ".join(f"{k}={v!r}" for k, v in assignment.items()) or "the base config"
+        drawn = ", ".join(f"{k}={brief(v)}" for k, v in assignment.items()) or "the base config"
         configs.append(checked_config(template, assignment, teacher_shape, f"trial with {drawn}"))
     for key, dist in spec.scheduler.hyperparam_mutations.items():
         for value in dist.representatives():  # PBT sets these on running trials
-            where = f"scheduler.hyperparam_mutations.{key}={value!r}"
+            where = f"scheduler.hyperparam_mutations.{key}={brief(value)}"
             checked_config(template, {**assignments[0], key: value}, teacher_shape, where)
     tasks = {c.task_name for c in configs}
     for task in spec.per_task:

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import model_serializer, model_validator
 
+from orchestrator.messages import brief
 from trainables.config import StrictModel
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint", "quniform")
@@ -75,7 +76,7 @@ def check_mixes(value: Any) -> None:
     """Every objective mix must be a list of names: a bare `kd` would be read as the mix [k, d]."""
     for mix in value.representatives() if isinstance(value, Distribution) else [value]:
         if not isinstance(mix, list) or not all(isinstance(name, str) for name in mix):
-            raise ValueError(f"space.{MIX_KEY}: each mix is a list of objective names like [kd, att_kl], got {mix!r}")
+            raise ValueError(f"space.{MIX_KEY}: each mix is a list of objective names like [kd, att_kl], got {brief(mix)}")
 
 
 def objective_of(key: str) -> str | None:

@@ -13,6 +13,7 @@ callback read the result from the trial's config under `RUN_CONFIG`.
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,13 +24,31 @@ from orchestrator.spaces import MIX_KEY, Distribution, objective_of
 from trainables.config import CONFIG_OF_RUN, RUN_CONFIG, PretrainConfig, RunConfig, set_dotted, task_name_of
 
 
+MAX_LABEL_CHARS = 200
+
+
 def label(value: Any) -> Any:
-    """The scalar Optuna suggests for a categorical value: `[kd, att_kl]` -> `kd+att_kl`."""
+    """The scalar Optuna suggests for a categorical value: `[kd, att_kl]` -> `kd+att_kl`.
+
+    A list or mapping spelled longer than MAX_LABEL_CHARS keeps its start and a digest of the whole,
+    so labels stay short and two values never share one.
+    """
+    if not isinstance(value, (list, tuple, dict)):
+        return value
+    spelled = spelling(value)
+    if len(spelled) <= MAX_LABEL_CHARS:
+        return spelled
+    digest = hashlib.sha256(spelled.encode()).hexdigest()[:12]
+    return f"{spelled[:MAX_LABEL_CHARS - 16]}...~{digest}"
+
+
+def spelling(value: Any) -> str:
+    """A categorical value written out in full: `[kd, att_kl]` -> `kd+att_kl`."""
     if isinstance(value, (list, tuple)):
-        return "+".join(label(v) for v in value) if value else "none"
+        return "+".join(spelling(v) for v in value) if value else "none"
     if isinstance(value, dict):
-        return ",".join(f"{k}={label(v)}" for k, v in value.items())
-    return value
+        return ",".join(f"{k}={spelling(v)}" for k, v in value.items())
+    return str(value)
 
 
 def labelled_choices(space: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from orchestrator.config import Resources, SweepSpec, TrackingConfig
 from orchestrator.metric_names import reported_metrics
 from orchestrator.search import SchedulerConfig, SearchConfig
 from orchestrator.spaces import DISTRIBUTIONS, MIX_KEY
-from trainables.config import FidelityConfig, RunConfig, StudentConfig, TrainingConfig
+from trainables.config import FOLDER_NAME, FidelityConfig, RunConfig, StudentConfig, TrainingConfig
 from trainables.objectives import REGISTRY
 from trainables.tasks import KNOWN_TASKS
 
@@ -262,7 +261,7 @@ def valid_specs(draw: Draw, teacher: str, workdir: Path) -> dict[str, Any]:
         search["seed"] = draw(st.integers(0, 1000))
 
     spec: dict[str, Any] = {
-        "name": draw(st.from_regex(r"[A-Za-z0-9_.-]{1,16}", fullmatch=True)),
+        "name": draw(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,15}", fullmatch=True)),
         "base": base, "space": space, "search": search,
         "scheduler": {"type": "none"} if multi else draw(schedulers()),
         "resources": {
@@ -796,8 +795,8 @@ def reduction_factor_not_above_one(draw: Draw, spec: dict[str, Any]) -> list[str
 
 @mutation
 def bad_name(draw: Draw, spec: dict[str, Any]) -> list[str]:
-    spec["name"] = draw(KEYS.filter(lambda k: not re.fullmatch(r"[A-Za-z0-9_.-]+", k)) | st.just("my sweep"))
-    return ["name: String should match pattern '^[A-Za-z0-9_.-]+$'"]
+    spec["name"] = draw(KEYS.filter(lambda k: not FOLDER_NAME.fullmatch(k)) | st.sampled_from(["my sweep", ".", ".."]))
+    return ["a name starts with a letter or digit"]
 
 
 @st.composite

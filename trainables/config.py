@@ -7,9 +7,11 @@ indices, head counts) live in `check_against_teacher`, which callers run before 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from trainables.objectives import REGISTRY, Reads, Stage
@@ -29,8 +31,15 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+# A name that becomes part of a folder's name (a task's teacher cache, a sweep's or study's folder):
+# no separators, no leading dot, so never `.`, `..` or a path.
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 class LocalTask(StrictModel):
     """A classification or regression task read from local CSV / JSON / Parquet files."""
+
+    NAME_MAX_CHARS: ClassVar[int] = 100
 
     name: str = "local"
     train_file: Path
@@ -40,6 +49,17 @@ class LocalTask(StrictModel):
     num_labels: int | None = Field(
         default=None, ge=1, description="1 means regression; None infers from the training file"
     )
+
+    @field_validator("name")
+    @classmethod
+    def _usable_in_paths(cls, name: str) -> str:
+        if len(name) > cls.NAME_MAX_CHARS or not FOLDER_NAME.fullmatch(name):
+            shown = name if len(name) <= 40 else name[:37] + "..."
+            raise ValueError(
+                f"task.name {shown!r}: a task name becomes part of folder names; use at most "
+                f"{cls.NAME_MAX_CHARS} letters, digits, '_', '.' or '-', starting with a letter or digit"
+            )
+        return name
 
 
 def task_name_of(task: Any) -> str:
@@ -223,7 +243,11 @@ class RunSettings(StrictModel):
     mapping: MappingPreset | list[Annotated[int, Field(ge=0)]] = "skip"
     training: TrainingConfig = TrainingConfig()
     fidelity: FidelityConfig = FidelityConfig()
-    output_dir: Path = Path("runs/default")
+    output_dir: Path = Field(
+        default=Path("runs/default"),
+        description="unset, `distillsweep run` makes a new folder runs/<UTC time>-<objective mix>-<random> "
+        "(trials of a sweep write to private scratch folders)",
+    )
     cache_dir: Path | None = Field(default=None, description="tokenisation cache; None uses ~/.cache/distillsweep")
 
     @model_validator(mode="after")
@@ -412,18 +436,92 @@ def check_against_teacher(
                     )
 
 
-def read_yaml(path: Path) -> Any:
-    """A YAML file's content; a syntax error (a tab, an unclosed bracket) is one line naming the
-    file, line and column instead of a parser traceback."""
-    import yaml
+MAX_YAML_BYTES = 1 << 20  # sweep, study, run and task files are a few KiB
+MAX_YAML_DEPTH = 64  # deeper nesting would only exhaust the composer's recursion
+MAX_YAML_VALUES = 100_000  # values a file's aliases may copy; our files hold hundreds in all
 
+
+class RefusedYAML(yaml.MarkedYAMLError):
+    """Valid YAML that this project does not read: aliases that copy more than MAX_YAML_VALUES, a
+    recursive alias, or nesting past MAX_YAML_DEPTH."""
+
+
+class PlainLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` with aliases counted as the copies they become. A few hundred bytes of
+    nested aliases parse cheaply into shared objects but expand to gigabytes wherever the values
+    are copied, printed or saved; anchors for defaults (`<<: *base`) and PyYAML's own dumps of
+    shared lists stay readable. Nesting is capped so a deep file is refused, not a RecursionError."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+        self.aliased = 0  # values the aliases so far copy
+        self.sizes: dict[int, int] = {}  # id(node) -> its values, aliases expanded
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            anchored = self.anchors.get(event.anchor)
+            if anchored is not None:
+                if id(anchored) not in self.sizes:
+                    raise RefusedYAML(problem=f"alias *{event.anchor[:40]} refers to the value that holds it: "
+                                      "a value without end is refused", problem_mark=event.start_mark)
+                self._count(self.sizes[id(anchored)], event)
+            return super().compose_node(parent, index)  # an unknown anchor: PyYAML's own error
+        if self.depth >= MAX_YAML_DEPTH:
+            raise RefusedYAML(problem=f"nested deeper than {MAX_YAML_DEPTH} levels", problem_mark=event.start_mark)
+        self.depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+        children = node.value if isinstance(node, yaml.SequenceNode) else (
+            [part for pair in node.value for part in pair] if isinstance(node, yaml.MappingNode) else [])
+        self.sizes[id(node)] = 1 + sum(self.sizes.get(id(child), 1) for child in children)
+        return node
+
+    def _count(self, values: int, event: yaml.Event) -> None:
+        self.aliased += values
+        if self.aliased > MAX_YAML_VALUES:
+            raise RefusedYAML(problem=f"aliases copy more than {MAX_YAML_VALUES} values (a small file that expands "
+                              "to gigabytes): write the values out", problem_mark=event.start_mark)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text as plain data (`PlainLoader`); raises yaml.YAMLError (RefusedYAML past its limits)."""
+    return yaml.load(text, Loader=PlainLoader)
+
+
+def yaml_problem(err: yaml.YAMLError, where: str) -> str:
+    """One line naming `where`, the line and the column: never a parser traceback."""
+    mark = getattr(err, "problem_mark", None)
+    at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark is not None else where
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{at}: {problem}" if isinstance(err, RefusedYAML) else f"{at}: not valid YAML: {problem}"
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content (space, study, run and local-task files). A file over MAX_YAML_BYTES is
+    refused before parsing; a syntax error (a tab, an unclosed bracket) or an alias bomb is one line."""
     try:
-        return yaml.safe_load(Path(path).read_text())
+        return load_yaml(read_capped_text(Path(path)))
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ValueError(f"{where}: not valid YAML: {problem}") from None
+        raise ValueError(yaml_problem(err, str(path))) from None
+
+
+def read_capped_text(path: Path) -> str:
+    """A config file's UTF-8 text; at most MAX_YAML_BYTES are read, whatever the file is."""
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_YAML_BYTES + 1)
+    if len(data) > MAX_YAML_BYTES:
+        raise ValueError(f"{path}: larger than {MAX_YAML_BYTES >> 10} KiB, refused unparsed; sweep, study, "
+                         "run and task files are a few KiB: check that this is the file you meant")
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x}); "
+                         "re-save the file as UTF-8") from None
 
 
 def load_run_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfig:

@@ -24,7 +24,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from trainables.cache import cache_root, save_atomically
 from trainables.config import TrainingConfig
 from trainables.metrics import compute_task_metrics
-from trainables.tasks import TaskSpec, check_label_ids, read_local_file, require_columns, selection_metric
+from trainables.tasks import TaskSpec, check_label_ids, read_local_file, require_columns, selection_metric, some
 
 GLUE_DATASET = "nyu-mll/glue"
 CACHE_FORMAT = 1  # bump when the layout of cached splits changes
@@ -82,7 +82,7 @@ def _encode_labels(ds: Dataset, spec: TaskSpec, where: str) -> Dataset:
     if spec.label_names is not None:
         unseen = sorted(set(ds.unique(column)) - set(spec.label_names), key=str)
         if unseen:
-            raise ValueError(f"{where}: column {column!r} holds labels {unseen}; allowed: {list(spec.label_names)}")
+            raise ValueError(f"{where}: column {column!r} holds labels {some(unseen)}; allowed: {some(spec.label_names)}")
         return ds.cast_column(column, ClassLabel(names=list(spec.label_names)))
     if spec.is_regression:
         return ds.cast_column(column, Value("float32"))

@@ -7,6 +7,7 @@ files, whose label column is read here to settle the label count.
 
 from __future__ import annotations
 
+import codecs
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any, get_args
 
 import pyarrow as pa
 from datasets import Dataset, load_dataset
+from datasets.exceptions import DatasetGenerationError
 
 from trainables.config import LocalTask, MetricName
 from trainables.demo import DEMO_LABELS, ensure_demo_data
@@ -21,6 +23,7 @@ from trainables.demo import DEMO_LABELS, ensure_demo_data
 log = logging.getLogger(__name__)
 
 BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+SCAN_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -183,13 +186,52 @@ def local_task_spec(task: LocalTask) -> TaskSpec:
 
 
 def read_local_file(path: Path) -> Dataset:
-    """Read one CSV / JSON / JSONL / Parquet file, choosing the `datasets` builder by suffix."""
+    """Read one CSV / JSON / JSONL / Parquet file, choosing the `datasets` builder by suffix.
+
+    A file the builder cannot read is a ValueError of one line naming it (for bytes that are not
+    UTF-8, where and how to fix them), not the builder's page-long traceback.
+    """
     builder = BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise ValueError(
             f"data file {path}: suffix {path.suffix!r} unsupported; use one of {', '.join(BUILDERS)}"
         )
-    return load_dataset(builder, data_files=str(path), split="train")
+    try:
+        return load_dataset(builder, data_files=str(path), split="train")
+    except DatasetGenerationError as err:
+        raise ValueError(not_utf8(path) or f"data file {path}: cannot be read as {builder} ({root_cause(err)})") from None
+
+
+def not_utf8(path: Path) -> str | None:
+    """Where a text file first stops being UTF-8, and how to fix it; None for valid UTF-8 (a BOM
+    included). Read in chunks: the file can be large."""
+    if BUILDERS.get(path.suffix.lower()) == "parquet":
+        return None
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines = 1
+    with open(path, "rb") as handle:
+        while chunk := handle.read(SCAN_CHUNK):
+            held = len(decoder.getstate()[0])  # a character cut by the previous chunk's end
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                lines += chunk[:max(0, err.start - held)].count(b"\n")
+                return (f"data file {path}: not UTF-8 (byte {err.object[err.start]:#04x} on line {lines}, e.g. "
+                        f"Latin-1 or Windows-1252 text); re-save it as UTF-8, e.g. "
+                        f"`iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}`")
+            lines += chunk.count(b"\n")
+    return None
+
+
+def root_cause(err: BaseException) -> str:
+    """The first line of the innermost exception `datasets` wrapped."""
+    for _ in range(10):  # a chain is a few links; a cycle must not loop
+        inner = err.__cause__ or err.__context__
+        if inner is None:
+            break
+        err = inner
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def require_columns(ds: Dataset, columns: list[str], where: str) -> None:
@@ -217,7 +259,7 @@ def infer_labels(
         if num_labels is not None and num_labels != len(names):
             raise ValueError(
                 f"task.num_labels {num_labels}: column {label_column!r} of {train_file} holds "
-                f"{len(names)} distinct string labels {list(names)}"
+                f"{len(names)} distinct string labels {some(names)}"
             )
         log.info("task labels %s map to ids 0..%d in this order", list(names), len(names) - 1)
         return len(names), names
@@ -236,4 +278,11 @@ def infer_labels(
 def check_label_ids(values: list[Any], num_labels: int, where: str, label_column: str) -> None:
     bad = sorted((v for v in values if v is None or not 0 <= v < num_labels), key=str)
     if bad:
-        raise ValueError(f"{where}: column {label_column!r} holds labels {bad}; allowed: ids 0..{num_labels - 1}")
+        raise ValueError(f"{where}: column {label_column!r} holds labels {some(bad)}; allowed: ids 0..{num_labels - 1}")
+
+
+def some(values: Any, shown: int = 10) -> str:
+    """A list of values for a message: the first few, and how many there are when that is not all."""
+    values = list(values)
+    head = [v if not isinstance(v, str) or len(v) <= 40 else v[:37] + "..." for v in values[:shown]]
+    return str(head) if len(values) <= shown else f"{str(head)[:-1]}, ... ({len(values)} in all)]"
