@@ -287,17 +287,20 @@ def run_config(teacher: Path, out: Path, *, size: str, objectives: list[dict] | 
 
 
 def shutdown_ray() -> None:
-    """Stop the local Ray runtime this process started and delete its session folder (trial
-    folders with their checkpoints are copied there: gigabytes per sweep)."""
+    """Stop Ray in this process; if this process started its own local runtime (no RAY_ADDRESS to
+    join), also delete that runtime's session folder: trial folders with their checkpoints are
+    copied there, gigabytes per sweep. A joined cluster's session belongs to the cluster: its
+    sockets are in it, and deleting it would cut off every later driver."""
     import shutil
 
     import ray
 
     session = None
-    try:
-        session = ray._private.worker._global_node.get_session_dir_path()
-    except Exception:
-        pass
+    if not os.environ.get("RAY_ADDRESS"):
+        try:
+            session = ray._private.worker._global_node.get_session_dir_path()
+        except Exception:
+            pass
     ray.shutdown()
     if session and Path(session).is_dir() and Path(session).parent.name == "ray":
         shutil.rmtree(session, ignore_errors=True)

@@ -18,7 +18,6 @@ import typer
 import yaml
 from pydantic import ValidationError
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -43,7 +42,8 @@ app = typer.Typer(
     callback=lambda: prepare_libraries(),
     pretty_exceptions_show_locals=False,  # a traceback must not print the locals: configs, URIs, tokens
 )
-console = Console(stderr=True)
+# Messages quote paths, names and trial errors: Rich reads no markup or emoji codes in them.
+console = Console(stderr=True, markup=False, emoji=False)
 F = TypeVar("F", bound=Callable[..., Any])
 
 SetOption = Annotated[
@@ -61,8 +61,8 @@ def user_errors(command: F) -> F:
         except (UserError, ValidationError, ValueError, FileNotFoundError, OSError) as err:
             if os.environ.get("DISTILLSWEEP_TRACEBACK"):
                 raise
-            # escaped: a message quotes the user's keys and values, which Rich would read as markup
-            console.print(f"[bold red]error:[/] {escape(describe_error(err))}", emoji=False)
+            # soft_wrap: a path in the message stays whole, for the terminal to wrap and the user to copy
+            console.print(Text.assemble(("error:", "bold red"), " ", describe_error(err)), soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -100,7 +100,7 @@ def step_progress(description: str) -> tuple[Progress, Callable[[int, int], None
 
 
 def print_metrics(title: str, metrics: dict[str, Any]) -> None:
-    table = Table(title=title)
+    table = Table(title=Text(title))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in sorted(metrics.items()):

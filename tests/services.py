@@ -132,6 +132,11 @@ class LocalCluster:
             raise
         return cluster
 
+    @property
+    def ray_dir(self) -> Path:
+        """Ray's own temp folder (its sessions), which the recipe keeps inside its private temp folder."""
+        return Path(self.temp_dir) / "ray"
+
     def stop(self) -> list[str]:
         """Stop every process of this cluster (and only those); returns what had to be killed."""
         subprocess.run([str(LOCAL_CLUSTER / "stop-cluster.sh")], env=self.env | {"REMOVE_TEMP": "1"},

@@ -22,9 +22,9 @@ def files_under(path: Path) -> dict[Path, int]:
     return {p: p.stat().st_size for p in path.rglob("*") if p.is_file()}
 
 
-def working_dirs(ray_temp_dir: str, sweep_name: str) -> list[Path]:
+def working_dirs(ray_dir: Path, sweep_name: str) -> list[Path]:
     """The trials' working folders in Ray's session folder (trial outputs that Tune does not sync)."""
-    return [Path(p) for p in glob.glob(f"{ray_temp_dir}/session_*/artifacts/*/{sweep_name}/working_dirs/*")]
+    return [Path(p) for p in glob.glob(f"{ray_dir}/session_*/artifacts/*/{sweep_name}/working_dirs/*")]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_ended_trials_keep_only_their_student_and_stopped_trials_nothing(kept_sw
         weights = checkpoints[0] / "student" / "model.safetensors"
         assert sum(held.values()) <= weights.stat().st_size + SMALL_FILES, sorted(held.items(), key=lambda x: -x[1])[:5]
 
-    working = working_dirs(ray_cluster.temp_dir, name)
+    working = working_dirs(ray_cluster.ray_dir, name)
     leftovers = [p for d in working for p in d.rglob("*") if p.is_file() and p.stat().st_size > 100_000]
     assert working and not leftovers, f"copies outside Tune's storage: {leftovers}"
     scratch = [p for d in folder.iterdir() for p in Path(tempfile.gettempdir()).glob(f"{scratch_prefix(d)}*")]
