@@ -21,6 +21,8 @@ from typing import Any
 
 import pandas as pd
 
+from orchestrator import claims as paper_claims
+from orchestrator.claims import Claims, Observation, check_claims
 from orchestrator.experiment_state import read_experiment_state
 from orchestrator.outcome import OUTCOME_FILE, TrialOutcome, trial_outcome
 from orchestrator.plots import heatmaps, learning_curves, optuna_figures, safe_name
@@ -250,9 +252,27 @@ def left_out(records: list[TrialRecord], value: str) -> list[str]:
     return lines
 
 
+def counted_trials(include_stopped: bool) -> str:
+    return ("completed and early-stopped trials (stopped ones at the step they reached)" if include_stopped
+            else "trials that trained their whole budget")
+
+
+def claims_of(records: list[TrialRecord], value: str, include_stopped: bool) -> Claims:
+    """The paper's claims checked on the same trials, labels and counting rule as the tables."""
+    labels = row_labels(records)
+    return check_claims([
+        Observation(task=r.task, configuration=labels[r.trial_id], mix=r.objective_mix, init=r.init, seed=r.seed,
+                    score=getattr(r, value) if in_cell(r, value, include_stopped) else None)
+        for r in records
+    ])
+
+
+def claims_scope(value: str, include_stopped: bool) -> str:
+    return f"the {value.replace('_', ' ')} (x100) of {counted_trials(include_stopped)}"
+
+
 def render_markdown(records: list[TrialRecord], value: str, include_stopped: bool) -> str:
-    which = ("completed and early-stopped trials (stopped ones at the step they reached)" if include_stopped
-             else "trials that trained their whole budget")
+    which = counted_trials(include_stopped)
     lines = [
         f"# Sweep report: {value.replace('_', ' ')} on the validation split (x100), mean ± std over seeds",
         "",
@@ -263,6 +283,8 @@ def render_markdown(records: list[TrialRecord], value: str, include_stopped: boo
     ]
     for task, table in study_tables(records, value, include_stopped).items():
         lines += [f"## {task}", "", markdown_table(table, corner="objective \\ init"), ""]
+    claims = claims_of(records, value, include_stopped)
+    lines += paper_claims.render_markdown(claims, claims_scope(value, include_stopped))
     others = left_out(records, value)
     if others:
         title = "Trials that did not complete" if include_stopped else "Not in the cells"
@@ -283,8 +305,9 @@ def render_markdown(records: list[TrialRecord], value: str, include_stopped: boo
 
 def write_report(records: list[TrialRecord], out_dir: Path, value: str = "best_score",
                  include_stopped: bool = False, search_figures: tuple[Path, ...] = ()) -> tuple[Path, Path, str]:
-    """Save report.md, report.csv (one row per cell), trials.csv, the figures and report.html (all
-    on one page); return the Markdown's and the CSV's paths and the Markdown."""
+    """Save report.md, report.csv (one row per cell), trials.csv, claims.json (the numbers behind the
+    claims section), the figures and report.html (all on one page); return the Markdown's and the
+    CSV's paths and the Markdown."""
     if not records:
         raise ValueError("no trial of this sweep has started yet")
     markdown = render_markdown(records, value, include_stopped)
@@ -299,6 +322,9 @@ def write_report(records: list[TrialRecord], out_dir: Path, value: str = "best_s
          "final_score": r.final_score, "best_score": r.best_score}
         for r in records
     ]).to_csv(out_dir / "trials.csv", index=False)
+    counted = ["completed", "stopped"] if include_stopped else ["completed"]
+    checked = paper_claims.as_json(claims_of(records, value, include_stopped), value, counted)
+    (out_dir / "claims.json").write_text(json.dumps(checked, indent=1) + "\n")
     figures = heatmaps(cells(records, value, include_stopped=False), out_dir, value)
     figures += learning_curves(records, row_labels(records), out_dir)
     (out_dir / "report.html").write_text(render_html(records, value, include_stopped, figures, search_figures))
@@ -315,6 +341,7 @@ def render_html(records: list[TrialRecord], value: str, include_stopped: bool, f
         parts += [f"<h2>{html.escape(task)}</h2>", shown.to_html(border=0)]
         parts += [f'<img src="{path.name}" alt="{path.stem}">' for path in figures
                   if path.stem.endswith(f"-{safe_name(task)}")]
+    parts += paper_claims.render_html(claims_of(records, value, include_stopped), claims_scope(value, include_stopped))
     if search_figures:
         parts += ["<h2>Optuna's study</h2>", *(f'<img src="{path.name}" alt="{path.stem}">' for path in search_figures)]
     others = left_out(records, value)
@@ -338,6 +365,8 @@ def build_report(sweep_dir: Path, value: str, include_stopped: bool = False) -> 
 
         client = MlflowClient(state.tracking_uri)
         client.log_artifacts(state.parent_run_id, str(md_path.parent), "report")
+        for key, text in paper_claims.summary(claims_of(records, value, include_stopped)).items():
+            client.set_tag(state.parent_run_id, key, text)
         logged = True
     except Exception as err:  # the report on disk is the result; MLflow is a copy
         print(f"[distillsweep] could not log the report to MLflow ({err})")
