@@ -452,6 +452,107 @@ def test_minilm_v2_rejects_relation_heads_that_do_not_divide_the_width() -> None
         run("minilm_v2", make_batch(), relation_heads=4)
 
 
+# --- the task-agnostic methods: hidden_mse_combine, pear_col, att_val_two_stage -----------------
+
+
+@pytest.mark.parametrize("pairs", [PAIRS, COMBINE, LayerPairs(hidden=((2, 4),), attention=((1, 3),))])
+@pytest.mark.parametrize("count_padding", [False, True])
+def test_hidden_mse_combine_projects_the_teachers_layers_onto_the_students_whatever_the_mapping(
+    pairs: LayerPairs, count_padding: bool
+) -> None:
+    batch = make_batch(count_padding=count_padding, pairs=pairs)
+    params, module = build("hidden_mse_combine", batch)
+    assert isinstance(module, torch.nn.Linear)
+    assert (module.in_features, module.out_features) == (TEACHER_LAYERS * H * DH, STUDENT_LAYERS * H * DH)
+    s = np.concatenate([arr(h) for h in batch.student.hidden_states[1:]], axis=-1)  # no embeddings
+    t = np.concatenate([arr(h) for h in batch.teacher.hidden_states[1:]], axis=-1)
+    expected = ref_mse(s, ref_linear(t, module), None if count_padding else MASK)
+    loss = REGISTRY["hidden_mse_combine"].compute(batch, params, module)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert module.weight.grad is not None and module.weight.grad.abs().sum() > 0
+
+
+def probabilities(x: np.ndarray, y: np.ndarray, mask: list[list[int]]) -> np.ndarray:
+    """[B, H, T, T] attention probabilities over the real keys, from queries x and keys y."""
+    scores, out = scaled_dots(x, y), np.zeros((B, H, T, T))
+    for b, h, q in itertools.product(range(B), range(H), range(T)):
+        out[b, h, q] = softmax_over(list(scores[b, h, q]), [bool(m) for m in mask[b]])
+    return out
+
+
+def ref_one_minus_mean_pearson(s: np.ndarray, t: np.ndarray, weight: np.ndarray, dim: int) -> float:
+    """1 - the mean over vectors along `dim` (those with two or more weighted entries) of the Pearson
+    correlation of their weighted entries; eps 1e-8 in the denominator, as the study's code."""
+    others = [d for d in range(4) if d != dim]
+    correlations = []
+    for index in itertools.product(*(range(s.shape[d]) for d in others)):
+        entries = []
+        for x in range(s.shape[dim]):
+            at = list(index)
+            at.insert(dim, x)
+            if weight[tuple(at)]:
+                entries.append((s[tuple(at)], t[tuple(at)]))
+        if len(entries) < 2:
+            continue
+        mean_s = sum(a for a, _ in entries) / len(entries)
+        mean_t = sum(b for _, b in entries) / len(entries)
+        num = sum((a - mean_s) * (b - mean_t) for a, b in entries)
+        norm_s = math.sqrt(sum((a - mean_s) ** 2 for a, _ in entries))
+        norm_t = math.sqrt(sum((b - mean_t) ** 2 for _, b in entries))
+        correlations.append(num / (norm_s * norm_t + 1e-8))
+    return 1.0 - (sum(correlations) / len(correlations) if correlations else 0.0)
+
+
+def ref_pear_col(batch: DistillBatch) -> float:
+    """Sum over the four views (keys, queries, heads, sentences) of the last attention pair."""
+    mask = batch.attention_mask.tolist()
+    i, j = batch.pairs.attention[-1]
+    s = probabilities(arr(batch.student.queries[i]), arr(batch.student.keys[i]), mask)
+    t = probabilities(arr(batch.teacher.queries[j]), arr(batch.teacher.keys[j]), mask)
+    weight = np.ones((B, H, T, T))
+    if not batch.count_padding:
+        for b, h, q, k in itertools.product(range(B), range(H), range(T), range(T)):
+            weight[b, h, q, k] = mask[b][q] * mask[b][k]
+    return sum(ref_one_minus_mean_pearson(s, t, weight, dim) for dim in (3, 2, 1, 0))
+
+
+@pytest.mark.parametrize("mask", [MASK, NO_PADDING, ONE_REAL_TOKEN])
+@pytest.mark.parametrize("count_padding", [False, True])
+def test_pear_col_matches_four_hand_computed_pearson_views(mask: list[list[int]], count_padding: bool) -> None:
+    batch = make_batch(mask, count_padding)
+    assert run("pear_col", batch) == pytest.approx(ref_pear_col(batch), rel=1e-5)
+
+
+def test_pear_col_reads_only_the_last_attention_pair_and_vanishes_when_it_matches() -> None:
+    batch = make_batch()
+    other_first_pair = make_view(STUDENT_LAYERS, seed=1)
+    other_first_pair.queries[0] = other_first_pair.queries[0] * 3.0
+    assert run("pear_col", make_batch(student=other_first_pair)) == pytest.approx(run("pear_col", batch))
+    mirror = make_view(STUDENT_LAYERS, seed=1)
+    mirror.queries[1], mirror.keys[1] = batch.teacher.queries[3], batch.teacher.keys[3]
+    # not exactly 0: the 1e-8 in the denominator weighs on two-entry vectors of near-equal probabilities
+    assert run("pear_col", make_batch(student=mirror)) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_pear_col_ignores_padded_positions() -> None:
+    moved = make_batch(student=with_padded_positions_moved("queries"))
+    assert run("pear_col", moved) == pytest.approx(run("pear_col", make_batch()))
+
+
+@pytest.mark.parametrize("count_padding", [False, True])
+def test_att_val_two_stage_distils_with_minilms_attention_and_value_relations(count_padding: bool) -> None:
+    batch = make_batch(count_padding=count_padding)
+    values = sum(
+        ref_relation_kl(arr(batch.student.values[i]), arr(batch.teacher.values[j]), batch)
+        for i, j in PAIRS.attention
+    )
+    assert run("att_val_two_stage", batch) == pytest.approx(ref_att_kl(batch) + values, rel=1e-5)
+    objective = REGISTRY["att_val_two_stage"]
+    assert objective.own_loss_first and not objective.reads & {Reads.LOGITS, Reads.LABELS}
+    assert not any(o.own_loss_first for name, o in REGISTRY.items() if name != "att_val_two_stage")
+
+
 # --- crd ----------------------------------------------------------------------------------------
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -192,6 +192,12 @@ class TrainingConfig(StrictModel):
     num_processes: int = Field(
         default=1, ge=1, description="data-parallel processes in one run: one per GPU, or CPU processes (gloo)"
     )
+    compile: Literal["auto"] | bool = Field(
+        default="auto",
+        description="torch.compile the student's training step and the live teacher's forward, padding training "
+        "batches to length buckets (trainables/compile.py); auto: only on a GPU where bench/gpu_check.sh measured a "
+        "gain, which no GPU has yet, so off everywhere for now",
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -206,23 +212,72 @@ class TrainingConfig(StrictModel):
         return self
 
 
-class FidelityConfig(StrictModel):
-    """Switches that reproduce quirks of the study's released code (shared/paper_spec.md).
+FidelityName = Literal["authors", "clean"]
 
-    Defaults are the clean behaviour; set a switch to true to match the authors' numbers.
+
+class FidelityConfig(StrictModel):
+    """Switches that reproduce behaviours of the study's released code (shared/paper_spec.md).
+
+    Written `fidelity: clean` (the default: every switch false), `fidelity: authors` (every switch
+    true), or as a mapping whose `defaults` (clean or authors) sets the switches it does not name:
+    `{defaults: authors, teacher_dropout: false}`. The study's plain errors are never switches
+    (README, "Fidelity to the study").
     """
 
+    AUTHORS: ClassVar[frozenset[str]] = frozenset({
+        "ild_scale_by_batch", "count_padding", "teacher_dropout", "crd_without_replacement",
+        "mapping_floor", "minilm_v2_last_pair",
+    })
+
+    defaults: FidelityName = Field(
+        default="clean", description="the value of every switch not set: clean (false) or authors (true)"
+    )
     ild_scale_by_batch: bool = Field(
         default=False,
         description="scale intermediate-layer terms by 1/batch size against CE/KD, as fairseq did (3.10)",
     )
     count_padding: bool = Field(
         default=False,
-        description="average hidden MSE, value relations and attention MSE over padded positions too",
+        description="average hidden MSE, value relations, attention MSE and pear_col over padded positions too",
     )
     teacher_dropout: bool = Field(
         default=False, description="keep the teacher's dropout active while distilling (7.1)"
     )
+    crd_without_replacement: bool = Field(
+        default=False,
+        description="draw each anchor's CRD negatives without replacement (with replacement where nce_k reaches "
+        "the smallest pool of negatives), as the study's sampler (3.5)",
+    )
+    mapping_floor: bool = Field(
+        default=False,
+        description="layer pairs j * floor(L_T / L_S), as the study, which leaves the top teacher layers out "
+        "when L_S does not divide L_T (5); false spreads the pairs up to the top layer",
+    )
+    minilm_v2_last_pair: bool = Field(
+        default=False, description="minilm_v2 on the last layer pair only, as the study (4); false sums every pair"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand(cls, value: Any) -> Any:
+        if isinstance(value, BaseModel):
+            return value
+        named = "defaults " if isinstance(value, dict) else ""  # the field's name is the message's prefix
+        value = value if isinstance(value, dict) else {"defaults": value}
+        defaults = value.get("defaults", "clean")
+        if defaults not in get_args(FidelityName):
+            raise ValueError(
+                f"{named}{str(defaults)[:40]!r} is not known: choose authors (every behaviour of the study's "
+                "released code that distillsweep reproduces) or clean (the default), or give a mapping of switches"
+            )
+        return {**{name: defaults == "authors" for name in cls.AUTHORS}, **value}
+
+
+class PretrainFidelity(FidelityConfig):
+    """FidelityConfig for task-agnostic runs: `authors` leaves ild_scale_by_batch off, since the
+    study's task-agnostic code (DeepSpeed) does not divide its losses by the batch size."""
+
+    AUTHORS: ClassVar[frozenset[str]] = FidelityConfig.AUTHORS - {"ild_scale_by_batch"}
 
 
 class RunSettings(StrictModel):
@@ -242,7 +297,9 @@ class RunSettings(StrictModel):
     objectives: list[ObjectiveSpec] = Field(default_factory=lambda: [ObjectiveSpec(name="kd", weight=0.5)])
     mapping: MappingPreset | list[Annotated[int, Field(ge=0)]] = "skip"
     training: TrainingConfig = TrainingConfig()
-    fidelity: FidelityConfig = FidelityConfig()
+    fidelity: FidelityConfig = Field(
+        default=FidelityConfig(), description="clean (default), authors, or a mapping of switches (FidelityConfig)"
+    )
     output_dir: Path = Field(
         default=Path("runs/default"),
         description="unset, `distillsweep run` makes a new folder runs/<UTC time>-<objective mix>-<random> "
@@ -301,6 +358,13 @@ class RunConfig(RunSettings):
                 f"processes would not share, but training.num_processes is {self.training.num_processes}: "
                 f"set training.num_processes to 1, or drop {name!r}"
             )
+        first_mlm = [i for i, n in enumerate(names) if REGISTRY[n].own_loss_first]
+        if first_mlm:
+            i = first_mlm[0]
+            raise ValueError(
+                f"objectives.{i}.name {names[i]!r} is a pre-training method (MLM alone for half the budget, "
+                "then attention and value relations): use it in a pre-training run, or minilm (the same loss) here"
+            )
         if self.stages == "two_stage":
             if not any(REGISTRY[n].stage is Stage.INTERMEDIATE for n in names):
                 raise ValueError(
@@ -352,6 +416,9 @@ class PretrainConfig(RunSettings):
     teacher: str = Field(description="a BERT-family encoder (a masked-LM checkpoint such as bert-base-uncased)")
     student: StudentConfig = StudentConfig(num_layers=6)
     objectives: list[ObjectiveSpec] = Field(default_factory=lambda: [ObjectiveSpec(name="hidden_mse")])
+    fidelity: PretrainFidelity = Field(
+        default=PretrainFidelity(), description="clean (default), authors, or a mapping of switches (PretrainFidelity)"
+    )
     mlm_weight: float = Field(default=0.0, ge=0.0, description="weight of the student's own MLM loss")
     mlm_probability: float = Field(default=0.15, ge=0.0, lt=1.0, description="inputs masked as the study's shards")
     save_fractions: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
@@ -375,6 +442,14 @@ class PretrainConfig(RunSettings):
             raise ValueError("training.metric_for_best_model: pre-training is scored by its loss on held-out text; leave it unset")
         if self.mlm_weight > 0 and self.mlm_probability == 0:
             raise ValueError("mlm_weight > 0 needs mlm_probability > 0: no token would be masked to predict")
+        for index, spec in enumerate(self.objectives):
+            if REGISTRY[spec.name].own_loss_first:
+                if self.mlm_probability == 0:
+                    raise ValueError(f"objectives.{index}.name {spec.name!r} trains the MLM loss alone for half the "
+                                     "budget: set mlm_probability above 0 so that tokens are masked to predict")
+                if self.training.max_steps < 2:
+                    raise ValueError(f"objectives.{index}.name {spec.name!r} splits training.max_steps into two "
+                                     "halves: set it to 2 or more")
         return self
 
     @property

@@ -35,11 +35,20 @@ class Term:
 
 @dataclass(frozen=True)
 class StagePlan:
-    """The loss of one training stage: which terms, and the cross-entropy weight."""
+    """The loss of one training stage: which terms, the weight of the student's own loss (cross-entropy,
+    or MLM in pre-training), and how long it trains.
+
+    steps: optimiser steps; None takes the whole budget (each stage of the study's task-specific
+    runs trains its full epochs). continues: the stage keeps the optimiser, learning-rate schedule and
+    place in the data of the stage before (the study's task-agnostic two-stage run switches its loss
+    mid-run); otherwise it starts them afresh, as the study's task-specific stage 2 did.
+    """
 
     name: str
     terms: tuple[Term, ...]
     ce_weight: float
+    steps: int | None = None
+    continues: bool = False
 
     @property
     def reads(self) -> frozenset[Reads]:
@@ -76,6 +85,18 @@ def build_modules(terms: list[Term], context: ModuleContext) -> dict[str, nn.Mod
     return modules
 
 
+def pretrain_stages(terms: list[Term], mlm_weight: float, max_steps: int) -> list[StagePlan]:
+    """One pre-training stage, or, when an objective trains on the student's own loss first
+    (att_val_two_stage), the study's two halves of the budget: MLM alone, then the mix."""
+    if not any(t.objective.own_loss_first for t in terms):
+        return [StagePlan("pretrain", tuple(terms), mlm_weight)]
+    first = max_steps // 2
+    return [
+        StagePlan("mlm", (), 1.0, steps=first),
+        StagePlan("pretrain", tuple(terms), mlm_weight, steps=max_steps - first, continues=True),
+    ]
+
+
 def plan_stages(terms: list[Term], ce_weight: float, two_stage: bool) -> list[StagePlan]:
     """One stage with every term, or the study's two: intermediate layers, then prediction layer."""
     if not two_stage:
@@ -95,6 +116,9 @@ class Distiller(nn.Module):
         pairs: LayerPairs,
         count_padding: bool,
         ild_scale_by_batch: bool,
+        *,
+        crd_without_replacement: bool = False,
+        minilm_v2_last_pair: bool = False,
     ) -> None:
         super().__init__()
         self.student = student
@@ -102,6 +126,8 @@ class Distiller(nn.Module):
         self.pairs = pairs
         self.count_padding = count_padding
         self.ild_scale_by_batch = ild_scale_by_batch
+        self.crd_without_replacement = crd_without_replacement
+        self.minilm_v2_last_pair = minilm_v2_last_pair
 
     def forward(
         self, batch: dict[str, Tensor], teacher_view: ModelView | None, stage: StagePlan
@@ -123,6 +149,8 @@ class Distiller(nn.Module):
                 example_ids=batch.get("example_id"),
                 pairs=self.pairs,
                 count_padding=self.count_padding,
+                crd_without_replacement=self.crd_without_replacement,
+                minilm_v2_last_pair=self.minilm_v2_last_pair,
             )
             batch_size = batch["input_ids"].shape[0]
             # Objectives compute in float32 even under mixed precision: softmaxes and KL of

@@ -9,13 +9,18 @@ from __future__ import annotations
 from trainables.views import LayerPairs
 
 
-def skip_layers(teacher_layers: int, student_layers: int) -> list[int]:
+def skip_layers(teacher_layers: int, student_layers: int, floor: bool = False) -> list[int]:
     """Every (L_T / L_S)-th teacher layer, ending at the top: 3, 7, 11 for 3 of 12.
 
     Equals the study's `j * floor(L_T/L_S)` when L_T is divisible by L_S; otherwise it spreads the
-    picks evenly instead of silently skipping the top layers (paper_spec section 10).
+    picks evenly instead of silently skipping the top layers (paper_spec section 10): 1, 4, 6, 9, 11
+    for 5 of 12. `floor` (the authors' behaviour) takes the study's picks: 1, 3, 5, 7, 9. A student
+    deeper than its teacher learns from teacher layer 0 where a pick would fall below it.
     """
-    return [round((j + 1) * teacher_layers / student_layers) - 1 for j in range(student_layers)]
+    if floor:
+        step = teacher_layers // student_layers
+        return [max(0, (j + 1) * step - 1) for j in range(student_layers)]
+    return [max(0, round((j + 1) * teacher_layers / student_layers) - 1) for j in range(student_layers)]
 
 
 def init_layers(init: str | list[int], teacher_layers: int, student_layers: int) -> list[int]:
@@ -31,10 +36,11 @@ def init_layers(init: str | list[int], teacher_layers: int, student_layers: int)
     raise ValueError(f"student.init {init!r} copies no teacher layers")
 
 
-def layer_pairs(mapping: str | list[int], teacher_layers: int, student_layers: int) -> LayerPairs:
+def layer_pairs(mapping: str | list[int], teacher_layers: int, student_layers: int, floor: bool = False) -> LayerPairs:
     """Pairs for the hidden-state and attention objectives.
 
-    `skip`: student layer j learns from skip_layers()[j]; hidden objectives also match embeddings.
+    `skip`: student layer j learns from skip_layers()[j] (`floor`: the study's picks for depths that
+    do not divide); hidden objectives also match embeddings.
     `last`: hidden objectives match only the top layers; attention objectives keep `skip`
     (the study's code applies `--mapping` to hidden-state objectives only).
     `combine`: hidden objectives use all layers through a learned projection; attention keeps `skip`.
@@ -42,7 +48,7 @@ def layer_pairs(mapping: str | list[int], teacher_layers: int, student_layers: i
     layers for every objective (MiniLM-style `[11]` matches the two top layers); embeddings are
     matched too when the list covers every student layer.
     """
-    skip = skip_layers(teacher_layers, student_layers)
+    skip = skip_layers(teacher_layers, student_layers, floor)
     skip_attention = tuple(enumerate(skip))
     embeddings = ((0, 0),)
     if isinstance(mapping, list):

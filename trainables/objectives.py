@@ -9,7 +9,9 @@ decorated function here plus its tests; nothing else changes.
 Conventions, shared by every objective (shared/paper_spec.md sections 2-3):
 - divergences are KL(teacher || student);
 - terms over several layer pairs are summed, not averaged, as in the study's code;
-- padded positions are excluded unless `count_padding` (the authors' behaviour) is set.
+- padded positions are excluded unless `count_padding` (the authors' behaviour) is set;
+- the other switches of `fidelity: authors` that reach an objective arrive on the batch too
+  (`crd_without_replacement`, `minilm_v2_last_pair`).
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class Objective:
     matches_heads: bool
     build_module: BuildFn | None
     keeps_state: bool
+    own_loss_first: bool = False
 
     @property
     def stage(self) -> Stage:
@@ -118,6 +121,7 @@ def objective(
     matches_heads: bool = False,
     module: BuildFn | None = None,
     keeps_state: bool = False,
+    own_loss_first: bool = False,
 ) -> Callable[[ComputeFn], ComputeFn]:
     """Register `fn` under `name`.
 
@@ -130,12 +134,16 @@ def objective(
     shapes and the parameters; it returns None when this run needs none.
     keeps_state: the module's buffers change at every training step (CRD's memory banks); each
     data-parallel process would change its own copy, so the objective trains in one process only.
+    own_loss_first: a pre-training method in two halves: the student trains on its own (MLM) loss
+    alone for the first half of the budget, and the objective joins for the second.
     """
 
     def register(fn: ComputeFn) -> ComputeFn:
         if name in REGISTRY:
             raise ValueError(f"objective {name!r} registered twice")
-        REGISTRY[name] = Objective(name, fn, frozenset(reads), params, matches_heads, module, keeps_state)
+        REGISTRY[name] = Objective(
+            name, fn, frozenset(reads), params, matches_heads, module, keeps_state, own_loss_first
+        )
         return fn
 
     return register
@@ -152,7 +160,10 @@ class KDParams(NoParams):
 def kd(batch: DistillBatch, params: KDParams, module: nn.Module | None) -> Tensor:
     """T^2 * mean over sentences of KL(softmax(z_T/T) || softmax(z_S/T)) (paper 3.1).
 
-    For regression heads (one output) the soft target is the teacher's prediction (MSE).
+    For regression heads (one output) the soft target is the teacher's prediction: the MSE of each
+    sentence's output against its own teacher output. The study's code compared a [B] student
+    against a [B, 1] teacher, which broadcasts to every (student, teacher) pair of the batch, a
+    [B, B] loss that is not reproduced.
     """
     student, teacher = batch.student.logits.float(), batch.teacher.logits.float()
     if student.shape[-1] == 1:
@@ -251,11 +262,11 @@ def build_hidden_projection(ctx: ModuleContext, params: NoParams) -> nn.Module |
 
 
 def combine_projection(module: nn.Module | None, name: str) -> nn.Linear:
-    """The teacher-to-student map of mapping `combine`; a clear error if it was not built."""
+    """The teacher-to-student map of a concatenation of layers; a clear error if it was not built."""
     if not isinstance(module, nn.Linear):
         raise RuntimeError(
-            f"objective {name!r} with mapping combine needs its teacher-to-student projection; "
-            "build the module with ModuleContext(combine=True)"
+            f"objective {name!r} concatenates layers and needs its teacher-to-student projection; build "
+            "the objective's module first (for mapping combine: ModuleContext(combine=True))"
         )
     return module
 
@@ -293,12 +304,35 @@ def hidden_mse(batch: DistillBatch, params: NoParams, module: nn.Module | None) 
     return sum(masked_mse(to_teacher_width(module, i, s[i]), t[j], mask) for i, j in batch.pairs.hidden)
 
 
+def build_layers_projection(ctx: ModuleContext, params: NoParams) -> nn.Linear:
+    """hidden_mse_combine's map: the teacher's transformer layers concatenated to the student's."""
+    return nn.Linear(ctx.teacher_layers * ctx.teacher_hidden_size, ctx.student_layers * ctx.student_hidden_size)
+
+
+@objective("hidden_mse_combine", reads={Reads.HIDDEN_STATES}, module=build_layers_projection)
+def hidden_mse_combine(batch: DistillBatch, params: NoParams, module: nn.Module | None) -> Tensor:
+    """The task-agnostic study's hidden_mse_combine (paper 4), whatever `mapping` says: one MSE
+    between the student's transformer layers concatenated and a trained affine map of the teacher's.
+
+    Embedding outputs take no part: the study's task-agnostic hidden states hold none (its
+    task-specific `mapping: combine`, hidden_mse's, has them). The study's projector was never given
+    to the optimiser and was drawn anew every epoch, a fixed random map; ours is trained.
+    """
+    mask = None if batch.count_padding else batch.attention_mask
+    s, t = batch.student.hidden_states[1:], batch.teacher.hidden_states[1:]
+    projected = combine_projection(module, "hidden_mse_combine")(concat_features(t))
+    return masked_mse(concat_features(s), projected, mask)
+
+
 @objective("hidden_mse_token", reads={Reads.HIDDEN_STATES}, module=build_hidden_projection)
 def hidden_mse_token(batch: DistillBatch, params: NoParams, module: nn.Module | None) -> Tensor:
-    """hidden_mse on the first token ([CLS] / <s>) only: per pair the mean over B * d (paper 3.4).
+    """hidden_mse on the first token ([CLS] / <s>) only: per pair the mean over B * d (paper 3.4);
+    the task-agnostic study's hidden_cls on the mapped layers (paper 4).
 
     The first token is never padding, so count_padding does not apply. combine concatenates the
-    first-token vectors of all layers (the study's code crashes there).
+    first-token vectors of all layers (the study's code crashes there). Each sentence's own first
+    token: the study's task-agnostic code took `.transpose(0, 1)[:, 0]` of batch-first states, the
+    first sentence's tokens, which is not reproduced.
     """
     s, t = first_tokens(batch.student.hidden_states), first_tokens(batch.teacher.hidden_states)
     if batch.pairs.combine:
@@ -385,6 +419,14 @@ def minilm(batch: DistillBatch, params: NoParams, module: nn.Module | None) -> T
     return att_kl(batch, params, module) + value_relations
 
 
+@objective("att_val_two_stage", reads={Reads.ATTENTION, Reads.QKV}, matches_heads=True, own_loss_first=True)
+def att_val_two_stage(batch: DistillBatch, params: NoParams, module: nn.Module | None) -> Tensor:
+    """The study's two-stage pre-training (paper 4): the student's MLM loss alone for the first half of
+    the budget, then this loss, minilm's attention and value-relation KL (the MLM loss drops out
+    unless mlm_weight keeps it). The halves share one optimiser and learning-rate schedule."""
+    return minilm(batch, params, module)
+
+
 class MiniLMv2Params(NoParams):
     relation_heads: int | None = Field(
         default=None, ge=1, description="heads the width is re-split into; None takes the teacher's"
@@ -404,16 +446,53 @@ def minilm_v2(batch: DistillBatch, params: MiniLMv2Params, module: nn.Module | N
     """Sum over attention pairs of the Q-Q, K-K and V-V self-relation KLs (paper 4, MiniLMv2).
 
     Both sides are re-split into the same number of relation heads, so the student's head count and
-    width may differ from the teacher's.
+    width may differ from the teacher's. Each side merges its heads back into tokens' vectors before
+    the split: the study's code reshaped the student's [B, H, T, d] raw, which mixes tokens across
+    relation heads when head counts differ (not reproduced). minilm_v2_last_pair (the authors'
+    behaviour) keeps the last pair only: the study paired the student's last layer alone.
     """
+    pairs = batch.pairs.attention[-1:] if batch.minilm_v2_last_pair else batch.pairs.attention
     terms = []
-    for i, j in batch.pairs.attention:
+    for i, j in pairs:
         heads = params.relation_heads or batch.teacher.queries[j].shape[1]
         for kind in ("queries", "keys", "values"):
             student_x = split_heads(getattr(batch.student, kind)[i], heads)
             teacher_x = split_heads(getattr(batch.teacher, kind)[j], heads)
             terms.append(relation_kl(student_x, teacher_x, batch))
     return sum(terms)
+
+
+def pearson_loss(student: Tensor, teacher: Tensor, weights: Tensor, dim: int) -> Tensor:
+    """1 - the mean Pearson correlation of student and teacher along `dim`.
+
+    Entries of weight 0 (padding) take no part, and the mean runs over the vectors with at least two
+    entries left (a single value has no correlation; the study's code counts such a vector as 0).
+    """
+    count = weights.sum(dim, keepdim=True)
+
+    def centred(x: Tensor) -> Tensor:
+        return (x - (x * weights).sum(dim, keepdim=True) / count.clamp_min(1.0)) * weights
+
+    s, t = centred(student), centred(teacher)
+    correlation = (s * t).sum(dim) / (s.norm(dim=dim) * t.norm(dim=dim) + 1e-8)
+    return 1.0 - masked_mean(correlation, count.squeeze(dim) >= 2)
+
+
+@objective("pear_col", reads={Reads.ATTENTION}, matches_heads=True)
+def pear_col(batch: DistillBatch, params: NoParams, module: nn.Module | None) -> Tensor:
+    """Sum over four views of 1 - mean Pearson correlation of the attention probabilities of the last
+    attention pair (the top layers; paper 4, DIST-style): along the keys of each query row, along the
+    queries of each key column, across heads and across the batch's sentences.
+
+    Only real (query, key) pairs take part; count_padding takes every entry, as the study's code.
+    """
+    i, j = batch.pairs.attention[-1]
+    keys = key_mask(batch)
+    student = masked_softmax(batch.student.attention_scores(i).float(), keys)
+    teacher = masked_softmax(batch.teacher.attention_scores(j).float(), keys)
+    real = torch.ones_like(student) if batch.count_padding else (keys & keys.transpose(-1, -2)).expand_as(student)
+    weights = real.to(student.dtype)
+    return sum(pearson_loss(student, teacher, weights, dim) for dim in (3, 2, 1, 0))
 
 
 # --- contrastive representation distillation ----------------------------------------------------
@@ -454,12 +533,19 @@ class ContrastiveMemory(nn.Module):
         self.register_buffer("z_teacher", torch.zeros(()))
         labels = ctx.train_labels
         self.label_blocks: tuple[Tensor, Tensor, Tensor] | None = None
+        self.smallest_pool = n - 1  # the fewest negatives any anchor has
         if params.label_aware_negatives and labels is not None and not labels.is_floating_point():
             self.label_blocks = label_blocks(labels.long().cpu(), n)
+            self.smallest_pool = n - int(self.label_blocks[2].max())
 
-    def draw_negatives(self, example_ids: Tensor, k: int) -> Tensor:
-        """[B, k] negative example ids per anchor, with replacement, from torch's global CPU RNG
-        (so restoring the RNG state on resume reproduces the draws)."""
+    def draw_negatives(self, example_ids: Tensor, k: int, distinct: bool = False) -> Tensor:
+        """[B, k] negative example ids per anchor, from torch's global CPU RNG (so restoring the RNG
+        state on resume reproduces the draws).
+
+        With replacement, unless `distinct` (the authors' behaviour): then each anchor's k are drawn
+        without replacement, and, as the study's code decides once for all anchors, with replacement
+        only where k reaches the smallest pool of negatives.
+        """
         ids = example_ids.cpu().long()
         if self.label_blocks is None:
             order, start, size = None, ids, torch.ones_like(ids)
@@ -467,10 +553,26 @@ class ContrastiveMemory(nn.Module):
             order, block_start, block_size = self.label_blocks
             start, size = block_start[ids], block_size[ids]
         pool = (self.num_examples - size)[:, None]
-        offsets = (torch.rand(len(ids), k, dtype=torch.float64) * pool).long().minimum(pool - 1)
+        if distinct and k < self.smallest_pool:
+            offsets = distinct_offsets(pool[:, 0], k)
+        else:
+            offsets = (torch.rand(len(ids), k, dtype=torch.float64) * pool).long().minimum(pool - 1)
         positions = offsets + size[:, None] * (offsets >= start[:, None])
         negatives = positions if order is None else order[positions]
         return negatives.to(example_ids.device)
+
+
+def distinct_offsets(pool: Tensor, k: int) -> Tensor:
+    """[B, k] distinct offsets per row, uniform over the k-subsets of range(pool[b]) (Floyd's
+    algorithm: k vectorised steps, whatever the pool's size); needs k <= every pool."""
+    rows = len(pool)
+    chosen = torch.empty(rows, k, dtype=torch.long)
+    for step in range(k):
+        top = pool - k + step  # this step draws from range(top + 1)
+        drawn = (torch.rand(rows, dtype=torch.float64) * (top + 1)).long().minimum(top)
+        taken = (chosen[:, :step] == drawn[:, None]).any(dim=1)
+        chosen[:, step] = torch.where(taken, top, drawn)
+    return chosen
 
 
 def label_blocks(labels: Tensor, num_examples: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -536,7 +638,8 @@ def crd(batch: DistillBatch, params: CRDParams, module: nn.Module | None) -> Ten
     f_teacher = torch.cat(first_tokens(batch.teacher.hidden_states), dim=-1)
     g_student = F.normalize(module.embed_student(f_student), dim=-1)
     g_teacher = F.normalize(module.embed_teacher(f_teacher), dim=-1)
-    candidates = torch.cat([ids[:, None], module.draw_negatives(ids, params.nce_k)], dim=1)
+    negatives = module.draw_negatives(ids, params.nce_k, distinct=batch.crd_without_replacement)
+    candidates = torch.cat([ids[:, None], negatives], dim=1)
     tau = params.temperature
     loss_student = nce_loss(g_student, module.memory_teacher, candidates, module.z_student, tau)
     loss_teacher = nce_loss(g_teacher, module.memory_student, candidates, module.z_teacher, tau)

@@ -2,8 +2,9 @@
 
 The study's second setting (shared/paper_spec.md sections 4 and 7.2): teacher and student read
 the same (MLM-masked) blocks of text, the student learns from the teacher's intermediate layers,
-optionally plus its own MLM loss, for a budget of optimiser steps. Students are saved at chosen
-fractions of the budget, ready for GLUE fine-tuning (`RunConfig` with no teacher).
+optionally plus its own MLM loss, for a budget of optimiser steps (att_val_two_stage: the MLM loss
+alone for its first half). Students are saved at chosen fractions of the budget, ready for GLUE
+fine-tuning (`RunConfig` with no teacher).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 from trainables.config import PretrainConfig
 from trainables.corpus import block_splits, load_corpus, mlm_collator
 from trainables.data import TaskData
-from trainables.distiller import StagePlan, make_terms
+from trainables.distiller import make_terms, pretrain_stages
 from trainables.models import build_student, load_masked_lm_teacher, resolve_model_source
 from trainables.precision import make_accelerator
 from trainables.run import RunParts, check_teacher, train
@@ -50,7 +51,7 @@ def pretrain(
         train=splits["train"], validation=splits["validation"],
         collate=mlm_collator(tokenizer, cfg.mlm_probability), score=None, main_metric="loss",
     )
-    stages = [StagePlan("pretrain", tuple(make_terms(cfg.objectives)), cfg.mlm_weight)]
+    stages = pretrain_stages(make_terms(cfg.objectives), cfg.mlm_weight, cfg.training.max_steps)
 
     parts = RunParts(student, tokenizer, teacher, data, stages)
     return train(parts, cfg, accelerator, reporter, on_step, resume_from, snapshot_steps=frozenset(cfg.save_steps()))

@@ -82,13 +82,16 @@ class RunParts:
 
 
 def build_distiller(parts: RunParts, settings: RunSettings) -> Distiller:
-    """The student with the trainable modules its objectives own, learning over the mapping's layer pairs."""
+    """The student with the trainable modules its objectives own, learning over the mapping's layer
+    pairs, with the fidelity switches its loss obeys."""
     fidelity = settings.fidelity
+    switches = dict(crd_without_replacement=fidelity.crd_without_replacement,
+                    minilm_v2_last_pair=fidelity.minilm_v2_last_pair)
     if parts.teacher is None:
         return Distiller(parts.student, {}, LayerPairs(hidden=(), attention=()), fidelity.count_padding,
-                         fidelity.ild_scale_by_batch)
+                         fidelity.ild_scale_by_batch, **switches)
     teacher_layers = len(encoder_layers(parts.teacher))
-    pairs = layer_pairs(settings.mapping, teacher_layers, settings.student.num_layers)
+    pairs = layer_pairs(settings.mapping, teacher_layers, settings.student.num_layers, fidelity.mapping_floor)
     context = ModuleContext(
         student_hidden_size=parts.student.config.hidden_size,
         teacher_hidden_size=parts.teacher.config.hidden_size,
@@ -100,7 +103,7 @@ def build_distiller(parts: RunParts, settings: RunSettings) -> Distiller:
     )
     terms = {term.name: term for stage in parts.stages for term in stage.terms}  # in the config's order
     modules = build_modules(list(terms.values()), context)
-    return Distiller(parts.student, modules, pairs, fidelity.count_padding, fidelity.ild_scale_by_batch)
+    return Distiller(parts.student, modules, pairs, fidelity.count_padding, fidelity.ild_scale_by_batch, **switches)
 
 
 def build_loop(

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from trainables.compile import StepCompiler
 from trainables.config import FidelityConfig, TrainingConfig
 from trainables.data import TaskData
 from trainables.distiller import StagePlan
@@ -35,9 +36,12 @@ class LiveTeacher:
         self.model = accelerator.prepare_model(model, evaluation_mode=True)
         self.model.train(dropout)
         self.model.requires_grad_(False)
+        # With training.compile: a compiled wrapper over the same weights, for the batches the loop compiles.
+        self.compiled: nn.Module | None = None
 
-    def view(self, batch: dict[str, Tensor], stage: StagePlan) -> ModelView:
-        return forward_view(self.model, batch, need_qkv=stage.needs_qkv)
+    def view(self, batch: dict[str, Tensor], stage: StagePlan, compiled: bool = False) -> ModelView:
+        model = self.compiled if compiled and self.compiled is not None else self.model
+        return forward_view(model, batch, need_qkv=stage.needs_qkv)
 
 
 class CachedLogits:
@@ -70,12 +74,18 @@ class TeacherSource:
     cached: CachedLogits | None = None
 
     @torch.no_grad()
-    def view(self, batch: dict[str, Tensor], stage: StagePlan) -> ModelView | None:
+    def view(self, batch: dict[str, Tensor], stage: StagePlan, compiled: bool = False) -> ModelView | None:
+        """`compiled`: through the live teacher's compiled forward (the batch is one the loop compiles)."""
         if not stage.needs_teacher or self.live is None:
             return None
         if self.cached is not None and stage.reads_only_logits:
             return self.cached.view(batch)
-        return self.live.view(batch, stage)
+        return self.live.view(batch, stage, compiled)
+
+    def compile(self, compiler: StepCompiler) -> None:
+        """Give the live teacher a compiled forward; the logit cache and evaluation keep the eager one."""
+        if self.live is not None:
+            self.live.compiled = compiler.compile(self.live.model)
 
     @property
     def num_parameters(self) -> int:

@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, get_scheduler
 
+from trainables.compile import StepCompiler, bucketed, step_compiler
 from trainables.config import TrainingConfig
 from trainables.data import TaskData
 from trainables.errors import DIVERGED_MESSAGE, NonFiniteLossError, TrialOutOfMemoryError
@@ -178,9 +179,10 @@ FUSED_ADAMW_DEVICES = frozenset({"cpu", "cuda"})
 PROBE_EXAMPLES = 2  # what a stage's loss reaches does not depend on the batch
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters in a decayed group and a no-decay group (biases, LayerNorm weights)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+def param_groups(model: torch.nn.Module, weight_decay: float, names: set[str] | None = None) -> list[dict[str, Any]]:
+    """Trainable parameters (those named, else those requiring grad) in a decayed group and a no-decay
+    group (biases, LayerNorm weights)."""
+    named = [(n, p) for n, p in model.named_parameters() if (p.requires_grad if names is None else n in names)]
     return [
         {"params": [p for n, p in named if not n.endswith(NO_DECAY)], "weight_decay": weight_decay},
         {"params": [p for n, p in named if n.endswith(NO_DECAY)], "weight_decay": 0.0},
@@ -230,6 +232,7 @@ class DistillationLoop:
         # A second objective for multi-objective searches (accuracy against size): the student model's
         # own weights, not the projections or CRD heads the objectives train alongside it.
         self.student_parameters = sum(p.numel() for p in distiller.student.parameters())
+        self.compiler = self._set_up_compile(distiller)
         self._start_stage()
 
     # --- schedule ----------------------------------------------------------------------------
@@ -245,19 +248,52 @@ class DistillationLoop:
 
     @property
     def steps_per_stage(self) -> int:
+        """The training budget: what a stage of no set length trains."""
         t = self.training
         if t.max_steps > 0:
             return t.max_steps
         return max(1, math.ceil(t.num_train_epochs * self.micro_batches_per_epoch / t.gradient_accumulation_steps))
 
-    def _start_stage(self) -> None:
-        """The current stage's trainable parameters, data-parallel wrapper, optimiser and schedule."""
+    def stage_steps(self, index: int) -> int:
+        steps = self.stages[index].steps
+        return self.steps_per_stage if steps is None else steps
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.stage_steps(i) for i in range(len(self.stages)))
+
+    def _schedule_stages(self) -> range:
+        """The current stage with those it continues and those that continue it: one optimiser and
+        one learning-rate schedule run through them."""
+        first = last = self.progress.stage_index
+        while first > 0 and self.stages[first].continues:
+            first -= 1
+        while last + 1 < len(self.stages) and self.stages[last + 1].continues:
+            last += 1
+        return range(first, last + 1)
+
+    def _start_stage(self, new_optimizer: bool = True) -> None:
+        """The current stage's trainable parameters, data-parallel wrapper and (unless it continues the
+        stage before) a new optimiser and schedule."""
         if self.accelerator.use_distributed:
             self._train_only_reached(self.stages[self.progress.stage_index])
             module = self.accelerator.unwrap_model(self.distiller)
             device_ids = [self.accelerator.device.index] if self.accelerator.device.type == "cuda" else None
             self.distiller = DistributedDataParallel(module, device_ids=device_ids)
-        self._build_optimizer()
+        self._compiled = self.compiler.compile(self.distiller) if self.compiler is not None else None
+        if new_optimizer:
+            self._build_optimizer()
+
+    def _set_up_compile(self, distiller: Distiller) -> StepCompiler | None:
+        """With `training.compile` on here: training batches padded to length buckets and the live
+        teacher's forward compiled (the step is compiled per stage, in _start_stage); None otherwise."""
+        t = self.training
+        compiler = step_compiler(t.compile, self.accelerator.device, t.max_seq_length, t.per_device_train_batch_size,
+                                 len(self.stages), distiller.count_padding)
+        self._collate_train = self.data.collate if compiler is None else bucketed(self.data.collate, compiler.buckets)
+        if compiler is not None:
+            self.teacher.compile(compiler)
+        return compiler
 
     def _train_only_reached(self, stage: StagePlan) -> None:
         """Freeze the parameters `stage`'s loss does not reach, as every process agrees.
@@ -290,14 +326,20 @@ class DistillationLoop:
             set_rng_state(state)
 
     def _build_optimizer(self) -> None:
-        """A fresh AdamW and schedule per stage, as the study resets them between stages."""
+        """A fresh AdamW and schedule per stage, as the study resets them between task-specific stages;
+        one for a stage and the stages that continue it.
+
+        It holds every trainable parameter, also those a stage's loss does not reach (frozen while
+        several processes train): AdamW skips a parameter without a gradient, and the optimiser a
+        continuing stage keeps, or resumes from a checkpoint, has the same parameters in every stage.
+        """
         t = self.training
-        groups = param_groups(self.distiller, t.weight_decay)
+        groups = param_groups(self.accelerator.unwrap_model(self.distiller), t.weight_decay, self._trainable)
         self.optimizer = torch.optim.AdamW(
             groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
             **adamw_implementation([p for g in groups for p in g["params"]]),
         )
-        total = self.steps_per_stage
+        total = sum(self.stage_steps(i) for i in self._schedule_stages())
         self.scheduler = get_scheduler(
             t.lr_scheduler_type, self.optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * total),
             num_training_steps=total,
@@ -316,10 +358,12 @@ class DistillationLoop:
             metrics = self._train_stage(stage)
             self.progress.stage_index += 1
             self.progress.stage_step = 0
-            self.progress.epoch = 0
-            self.progress.batches_in_epoch = 0
             if self.progress.stage_index < len(self.stages):
-                self._start_stage()
+                continues = self.stages[self.progress.stage_index].continues
+                if not continues:
+                    self.progress.epoch = 0
+                    self.progress.batches_in_epoch = 0
+                self._start_stage(new_optimizer=not continues)
         return metrics or self.evaluate(self.stages[-1])
 
     def _micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -331,14 +375,14 @@ class DistillationLoop:
                 shard = batches[index][self.accelerator.process_index :: self.accelerator.num_processes]
                 self.progress.batches_in_epoch = index + 1
                 self.progress.examples_seen += len(batches[index])
-                batch = self.data.collate(rows(self.data.train, shard))
+                batch = self._collate_train(rows(self.data.train, shard))
                 yield {k: v.to(self.accelerator.device) for k, v in batch.items()}
             self.progress.epoch += 1
             self.progress.batches_in_epoch = 0
 
     def _train_stage(self, stage: StagePlan) -> dict[str, float]:
         t = self.training
-        total_steps = self.steps_per_stage
+        total_steps = self.stage_steps(self.progress.stage_index)
         eval_now: dict[str, float] = {}
         sums: dict[str, torch.Tensor] = {}
         window_start, window_examples, window_steps = time.perf_counter(), self.progress.examples_seen, 0
@@ -358,7 +402,7 @@ class DistillationLoop:
             self.progress.global_step += 1
             window_steps += 1
             if self.outputs.on_step is not None:
-                self.outputs.on_step(self.progress.global_step, self.steps_per_stage * len(self.stages))
+                self.outputs.on_step(self.progress.global_step, self.total_steps)
             if self.progress.global_step in self.outputs.snapshot_steps and self.outputs.export_student is not None:
                 if self.accelerator.is_main_process:
                     self.outputs.export_student(self.output_dir / "students" / f"step-{self.progress.global_step:07d}")
@@ -382,10 +426,13 @@ class DistillationLoop:
     def _forward_backward(
         self, batch: dict[str, torch.Tensor], stage: StagePlan, sync: bool
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One micro-batch; gradients sync across processes only on the last of an accumulation."""
+        """One micro-batch; gradients sync across processes only on the last of an accumulation. Through
+        the compiled step where `training.compile` is on and the batch is full (StepCompiler.serves)."""
         context = nullcontext() if sync else self.accelerator.no_sync(self.distiller)
+        compiled = self._compiled is not None and self.compiler.serves(batch)
+        distiller = self._compiled if compiled else self.distiller
         with context, self.accelerator.autocast():
-            loss, terms = self.distiller(batch, self.teacher.view(batch, stage), stage)
+            loss, terms = distiller(batch, self.teacher.view(batch, stage, compiled), stage)
             scaled = loss / self.training.gradient_accumulation_steps
             (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
         return loss, terms
@@ -426,7 +473,8 @@ class DistillationLoop:
         """Every `eval_steps` steps, or (`eval_strategy: epoch`) at the step that ends an epoch of the stage.
 
         An epoch is `micro_batches_per_epoch` micro-batches, so with gradient accumulation it may end
-        inside a step; that step evaluates. Every stage starts at the start of an epoch.
+        inside a step; that step evaluates. Epochs count from the stage's start (a stage that continues
+        another's place in the data counts its epochs from where it took over).
         """
         if self.training.eval_strategy == "epoch":
             step = self.progress.stage_step
@@ -531,7 +579,7 @@ class DistillationLoop:
         metrics.update(
             step=p.global_step,
             stage=p.stage_index,
-            total_steps=self.steps_per_stage * len(self.stages),
+            total_steps=self.total_steps,
             epoch=p.epoch + p.batches_in_epoch / self.micro_batches_per_epoch,
             peak_memory_mb=peak_memory_mb(self.accelerator.device),
             student_parameters=self.student_parameters,
@@ -541,7 +589,7 @@ class DistillationLoop:
             # one- and two-stage trials are compared at equal training of what `score` measures.
             metrics.update(prediction_step=p.stage_step, best_score=p.best_score)
         checkpoint = self.save_checkpoint() if save else None
-        last = p.stage_index == len(self.stages) - 1 and p.stage_step == self.steps_per_stage
+        last = p.stage_index == len(self.stages) - 1 and p.stage_step == self.stage_steps(p.stage_index)
         if last and self.training.load_best_model_at_end and self.accelerator.is_main_process:
             # After the final checkpoint (which resumes the last step), so only what is saved from here on is the best.
             self._student().load_state_dict(load_tensors(self.output_dir / BEST_STUDENT))

@@ -60,7 +60,8 @@ class LayerPairs:
 
 @dataclass
 class DistillBatch:
-    """Everything an objective may read for one batch."""
+    """Everything an objective may read for one batch, with the fidelity switches objectives obey
+    (each true reproduces a behaviour of the study's released code; trainables.config.FidelityConfig)."""
 
     student: ModelView
     teacher: ModelView
@@ -69,6 +70,8 @@ class DistillBatch:
     example_ids: Tensor | None
     pairs: LayerPairs
     count_padding: bool = False
+    crd_without_replacement: bool = False
+    minilm_v2_last_pair: bool = False
 
     @property
     def token_mask(self) -> Tensor:
