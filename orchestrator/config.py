@@ -10,30 +10,61 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
 
+from orchestrator.messages import brief
 from orchestrator.metric_names import unknown_metric_message
-from orchestrator.search import SEARCHERS, SchedulerConfig, SearchConfig
+from orchestrator.search import SEARCHERS, SchedulerConfig, SearchConfig, study_keys
 from orchestrator.spaces import DISTRIBUTIONS, MIX_KEY, Distribution, check_mixes, distribution_kinds, is_distribution
 from trainables.config import FOLDER_NAME, StrictModel, TrainingConfig, read_yaml, set_dotted
 
 
 
-class Resources(StrictModel):
-    cpu: float = Field(default=1.0, gt=0)
-    gpu: float = Field(default=0.0, ge=0)
+GPU_AUTO = "auto"
+GPU_COUNT = TypeAdapter(Annotated[float, Field(ge=0, allow_inf_nan=False)])
 
-    @field_validator("gpu")
+
+class Resources(StrictModel):
+    """What each trial may use. `gpu: auto` gives each trial the GPU share its memory needs
+    (orchestrator.gpu_memory): as many trials share a GPU as fit, at most `max_trials_per_gpu`."""
+
+    cpu: float = Field(default=1.0, gt=0)
+    gpu: float | Literal["auto"] = Field(
+        default=0.0, description="a share of one GPU (at most 1), whole GPUs, or auto: the share the trial's memory needs"
+    )
+    gpu_memory_gb: float | None = Field(
+        default=None, gt=0, description="for gpu auto: memory of one GPU in GiB; None: from the GPU type Ray reports"
+    )
+    max_trials_per_gpu: int = Field(
+        default=8, ge=1,
+        description="for gpu auto: the most trials that share one GPU, however little each needs (they share its compute too)",
+    )
+
+    @field_validator("gpu", mode="before")
     @classmethod
-    def _fraction_or_whole(cls, gpu: float) -> float:
-        if gpu > 1 and not float(gpu).is_integer():
+    def _auto_fraction_or_whole(cls, gpu: Any) -> Any:
+        """One message naming the field, rather than one per member of `float | auto`."""
+        if gpu == GPU_AUTO:
+            return gpu
+        try:
+            gpu = GPU_COUNT.validate_python(gpu)
+        except ValidationError as err:
+            raise ValueError(f"{first_message(err)} (a number of GPUs, or auto)") from None
+        if gpu > 1 and not gpu.is_integer():
             raise ValueError(
                 f"{gpu}: a fractional GPU share must be at most 1 (several trials share a GPU); "
                 "ask for whole GPUs above 1"
             )
         return gpu
+
+    @model_validator(mode="after")
+    def _memory_needs_auto(self) -> Resources:
+        if self.gpu_memory_gb is not None and self.gpu != GPU_AUTO:
+            raise ValueError(f"gpu_memory_gb sizes GPU shares by memory, which only gpu: auto does; set gpu: auto "
+                             f"or leave gpu_memory_gb out (gpu is {self.gpu:g})")
+        return self
 
 
 class TrackingConfig(StrictModel):
@@ -117,7 +148,7 @@ class SweepSpec(StrictModel):
     base: dict[str, Any] = Field(description="a run config; the space's values are set on top of it")
     space: dict[str, Any] = Field(default_factory=dict)
     search: SearchConfig = SearchConfig()
-    scheduler: SchedulerConfig = SchedulerConfig()
+    scheduler: SchedulerConfig = Field(default=SchedulerConfig(), validate_default=True)  # group_by resolved
     resources: Resources = Resources()
     max_concurrent_trials: int | None = Field(default=None, ge=1)
     storage: str = Field(default="runs/sweeps", description="local folder or URI (s3://, gs://, NFS path)")
@@ -162,6 +193,20 @@ class SweepSpec(StrictModel):
         if MIX_KEY in parsed:
             check_mixes(parsed[MIX_KEY])
         return parsed
+
+    @field_validator("scheduler")
+    @classmethod
+    def _groups_of_space_keys(cls, scheduler: SchedulerConfig, info: ValidationInfo) -> SchedulerConfig:
+        """Without group_by, the study factors this space varies; with it, keys of this space only."""
+        space = info.data.get("space")
+        if space is None:  # the space is invalid: its own error says why
+            return scheduler
+        if scheduler.group_by is None:
+            return scheduler.model_copy(update={"group_by": study_keys(space)})
+        for key in scheduler.group_by:
+            if key not in space:
+                raise ValueError(unknown_group_key(key, list(space)))
+        return scheduler
 
     @model_validator(mode="after")
     def _metrics_trials_report(self) -> SweepSpec:
@@ -214,6 +259,13 @@ class SweepSpec(StrictModel):
         """Trials Tune will run: every grid point, `num_samples` times."""
         return self.grid_size * self.search.num_samples
 
+
+
+def unknown_group_key(key: str, space_keys: list[str]) -> str:
+    guess = difflib.get_close_matches(key, space_keys, n=1)
+    hint = f"; did you mean {guess[0]}?" if guess else ""
+    keys = ", ".join(space_keys) or "none"
+    return f"group_by: {brief(key)} is not a key of this sweep's space (its keys: {keys}){hint}"
 
 
 def first_message(err: Exception) -> str:

@@ -15,6 +15,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from orchestrator.config import SweepSpec
 from orchestrator.messages import UserError, brief, describe_error
+from orchestrator.search import compared_study_keys, factor_of
 from orchestrator.spaces import MIX_KEY, Distribution, objective_of
 from orchestrator.teachers import teacher_shape, teacher_source
 from orchestrator.trials import TrialTemplate
@@ -27,7 +28,15 @@ STAGE_BLIND_TIME_ATTRS = ("training_iteration", "step", "epoch")
 
 
 def validate(spec: SweepSpec) -> list[RunConfig]:
-    """Everything that can be checked without starting Ray or training anything."""
+    """Everything that can be checked without starting Ray or training anything; what the
+    scheduler would compare that the report keeps apart is printed as a warning."""
+    configs = check(spec)
+    print_warnings(scheduler_warnings(spec))
+    return configs
+
+
+def check(spec: SweepSpec) -> list[RunConfig]:
+    """Every representative trial config, checked against its teacher and task."""
     shapes: dict[str, tuple[int, int, int]] = {}
 
     def shape(cfg: RunConfig) -> tuple[int, int, int]:
@@ -43,6 +52,25 @@ def validate(spec: SweepSpec) -> list[RunConfig]:
     if problem:
         raise UserError(problem)
     return configs
+
+
+def scheduler_warnings(spec: SweepSpec) -> list[str]:
+    """One line where a stopping scheduler would rank trials of different study cells (init, mix,
+    task) against each other: judged early, a slow starter loses before it can catch up."""
+    keys = compared_study_keys(spec.space, spec.scheduler)
+    if not keys:
+        return []
+    factors = " and ".join(key if factor_of(key) == key else f"{factor_of(key)} ({key})" for key in keys)
+    loses = "replaced by a copy of a faster trial" if spec.scheduler.type == "pbt" else "stopped"
+    return [f"sweep {spec.name}: scheduler {spec.scheduler.type} ranks trials of different {factors} against each "
+            f"other, though the report compares them: judged early, a slow starter is {loses} before it can catch "
+            f"up (short-horizon bias); add {', '.join(keys)} to scheduler.group_by to compare trials only within "
+            "their cell, or use scheduler.type none"]
+
+
+def print_warnings(lines: list[str]) -> None:
+    for line in lines:
+        print(f"[distillsweep] warning: {line}")
 
 
 def stage_blind_time_attr(spec: SweepSpec, configs: list[RunConfig]) -> str | None:

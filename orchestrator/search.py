@@ -12,21 +12,35 @@ a one-stage and a two-stage trial are compared after the same training of what `
 
 Every trial reaches Tune's controller through the scheduler's `on_trial_add`, before any worker
 sees it: there the driver resolves the trial's RunConfig, once (`ResolvesRunConfigs`).
+
+A stopping scheduler compares a trial only with the trials of its group (`scheduler.group_by`; by
+default the study factors the space varies: task, objective mix, initialisation). Ranked against
+each other after a few evaluations, those factors would be decided before the data can decide
+them: students that copy lower teacher layers trail at first and end higher (short-horizon bias).
+`WithinGroups` keeps one Tune scheduler per group: its own rungs, median and PBT population.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import optuna
 from pydantic import Field, model_validator
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule, PopulationBasedTraining
+from ray.tune.schedulers import (
+    ASHAScheduler,
+    FIFOScheduler,
+    MedianStoppingRule,
+    PopulationBasedTraining,
+    TrialScheduler,
+)
 from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.spaces import DISTRIBUTIONS, Distribution, tune_domain, tune_param_space
-from orchestrator.trials import OptunaSpace, TrialTemplate
+from orchestrator.trials import OptunaSpace, TrialTemplate, label
 from trainables.config import StrictModel
 from trainables.config import RUN_CONFIG
 
@@ -107,9 +121,12 @@ class ResolvesRunConfigs:
         super().__init__(**settings)
         self.template = template
 
-    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+    def resolve(self, trial: Any) -> None:
         if RUN_CONFIG not in trial.config:  # a restored trial keeps the one it ran with
             trial.set_config(self.template.with_run_config(trial.config))
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self.resolve(trial)
         super().on_trial_add(tune_controller, trial)
 
 
@@ -117,6 +134,7 @@ class FIFO(ResolvesRunConfigs, FIFOScheduler):
     """Every trial runs its whole budget."""
 
 
+# Sweeps started before `group_by` saved these in Tune's tuner.pkl; they resume with them.
 class ASHA(ResolvesRunConfigs, ASHAScheduler):
     """Successive halving: at each rung the worse trials stop."""
 
@@ -129,14 +147,114 @@ class PBT(ResolvesRunConfigs, PopulationBasedTraining):
     """Population-based training: the worse trials continue from the better ones with perturbed values."""
 
 
-def asha(s: SchedulerConfig, template: TrialTemplate) -> Any:
-    return ASHA(template, time_attr=s.time_attr, max_t=s.max_t, grace_period=s.grace_period,
-                reduction_factor=s.reduction_factor)
+class GroupView:
+    """Tune's controller as one group's scheduler sees it: only that group's trials, so the group's
+    scheduler never ranks, pauses for or resumes another group's trials. Everything else (pausing,
+    saving, the searcher) is the controller's own."""
+
+    def __init__(self, controller: Any, members: set[Any]) -> None:
+        self._controller = controller
+        self._members = members
+
+    def get_trials(self) -> list[Any]:
+        return [trial for trial in self._controller.get_trials() if trial in self._members]
+
+    def get_live_trials(self) -> set[Any]:
+        return {trial for trial in self._controller.get_live_trials() if trial in self._members}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._controller, name)
 
 
-def pbt(s: SchedulerConfig, template: TrialTemplate) -> Any:
-    return PBT(
-        template,
+def group_key(config: dict[str, Any], group_by: tuple[str, ...]) -> str:
+    """A trial's group as a stable string: drawn values may be lists or mappings (mixes, layer lists)."""
+    return json.dumps([config.get(key) for key in group_by], sort_keys=True, default=str)
+
+
+class WithinGroups(ResolvesRunConfigs, TrialScheduler):
+    """One copy of a Tune scheduler per group of trials that agree on every `group_by` key (one group
+    when it is empty): every TrialScheduler hook goes to the trial's group, which sees the
+    controller through a `GroupView`. PBT's custom_explore_fn resolves a perturbed trial's RunConfig.
+
+    Ray 2.60 never calls a scheduler's save/restore: a resumed Tuner unpickles the scheduler as it
+    was built and adds every trial again through `on_trial_add`, which rebuilds the groups.
+    """
+
+    def __init__(self, template: TrialTemplate, scheduler: TrialScheduler, group_by: tuple[str, ...]) -> None:
+        super().__init__(template)
+        self.prototype = scheduler
+        self.group_by = group_by
+        self.groups: dict[str, TrialScheduler] = {}
+        self.group_of: dict[Any, str] = {}
+
+    @property
+    def metric(self) -> Any:
+        return self.prototype.metric
+
+    @property
+    def supports_buffered_results(self) -> bool:
+        return self.prototype.supports_buffered_results
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        for scheduler in self.groups.values():
+            scheduler.set_search_properties(metric, mode, **spec)
+        return self.prototype.set_search_properties(metric, mode, **spec)
+
+    def view(self, controller: Any, key: str) -> GroupView:
+        return GroupView(controller, {trial for trial, group in self.group_of.items() if group == key})
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self.resolve(trial)
+        key = self.group_of.setdefault(trial, group_key(trial.config, self.group_by))
+        if key not in self.groups:
+            self.groups[key] = copy.deepcopy(self.prototype)
+        self.groups[key].on_trial_add(self.view(tune_controller, key), trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        key = self.group_of[trial]
+        return self.groups[key].on_trial_result(self.view(tune_controller, key), trial, result)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
+        key = self.group_of[trial]
+        self.groups[key].on_trial_complete(self.view(tune_controller, key), trial, result)
+
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        key = self.group_of[trial]
+        self.groups[key].on_trial_error(self.view(tune_controller, key), trial)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        key = self.group_of[trial]
+        self.groups[key].on_trial_remove(self.view(tune_controller, key), trial)
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Any:
+        """Each group's choice; of those, the trial Tune added first."""
+        order = {trial: i for i, trial in enumerate(tune_controller.get_trials())}
+        chosen = [scheduler.choose_trial_to_run(self.view(tune_controller, key))
+                  for key, scheduler in self.groups.items()]
+        return min((trial for trial in chosen if trial is not None), key=order.__getitem__, default=None)
+
+    def debug_string(self) -> str:
+        if not self.groups:
+            return self.prototype.debug_string()
+        return "\n".join(self.group_label(key) + scheduler.debug_string() for key, scheduler in self.groups.items())
+
+    def group_label(self, key: str) -> str:
+        """`student.init=lower, objectives.mix=kd+att_kl: `; nothing for the one group of `group_by: []`."""
+        values = ", ".join(f"{name}={label(value)}" for name, value in zip(self.group_by, json.loads(key)))
+        return f"{values}: " if values else ""
+
+
+def asha(s: SchedulerConfig) -> TrialScheduler:
+    return ASHAScheduler(time_attr=s.time_attr, max_t=s.max_t, grace_period=s.grace_period,
+                         reduction_factor=s.reduction_factor)
+
+
+def median(s: SchedulerConfig) -> TrialScheduler:
+    return MedianStoppingRule(time_attr=s.time_attr, grace_period=s.grace_period)
+
+
+def pbt(s: SchedulerConfig, template: TrialTemplate) -> TrialScheduler:
+    return PopulationBasedTraining(
         time_attr=s.time_attr,
         perturbation_interval=s.perturbation_interval,
         hyperparam_mutations={k: tune_domain(v) for k, v in s.hyperparam_mutations.items()},
@@ -145,12 +263,47 @@ def pbt(s: SchedulerConfig, template: TrialTemplate) -> Any:
     )
 
 
+def within_groups(s: SchedulerConfig, template: TrialTemplate, scheduler: TrialScheduler) -> WithinGroups:
+    return WithinGroups(template, scheduler, tuple(s.group_by or ()))
+
+
 SCHEDULERS: dict[str, Callable[[SchedulerConfig, TrialTemplate], Any]] = {
     "none": lambda s, template: FIFO(template),
-    "asha": asha,
-    "median": lambda s, template: MedianStopping(template, time_attr=s.time_attr, grace_period=s.grace_period),
-    "pbt": pbt,
+    "asha": lambda s, template: within_groups(s, template, asha(s)),
+    "median": lambda s, template: within_groups(s, template, median(s)),
+    "pbt": lambda s, template: within_groups(s, template, pbt(s, template)),
 }
+STOPPING = frozenset(SCHEDULERS) - {"none"}  # schedulers that compare trials with each other
+
+
+# --- study cells: what a stopping scheduler must not compare ---------------------------------
+
+# The factors the report tables (orchestrator.report): trials that differ in one belong to
+# different cells of the study, and ranking them against each other early decides the study's
+# question at a short horizon.
+STUDY_FACTORS = {"task": "task", "objectives.mix": "objective mix", "student.init": "initialisation"}
+
+
+def factor_of(key: str) -> str | None:
+    """The study factor a space key sets (`student` sets the initialisation too), or None."""
+    for factor, name in STUDY_FACTORS.items():
+        if key == factor or factor.startswith(f"{key}.") or key.startswith(f"{factor}."):
+            return name
+    return None
+
+
+def study_keys(space: dict[str, Any]) -> list[str]:
+    """The space keys that vary a study factor: `scheduler.group_by`'s default."""
+    return [key for key, value in space.items()
+            if isinstance(value, Distribution) and len(value.representatives()) > 1 and factor_of(key)]
+
+
+def compared_study_keys(space: dict[str, Any], scheduler: SchedulerConfig) -> list[str]:
+    """Study keys whose values a stopping scheduler would rank against each other (not in group_by)."""
+    if scheduler.type not in STOPPING:
+        return []
+    grouped = study_keys(space) if scheduler.group_by is None else scheduler.group_by
+    return [key for key in study_keys(space) if key not in grouped]
 
 
 # --- settings: the `search` and `scheduler` sections of a space file --------------------------
@@ -193,6 +346,12 @@ class SchedulerConfig(StrictModel):
     reduction_factor: float = Field(default=2.0, gt=1.0)
     perturbation_interval: int = Field(default=2, ge=1)
     hyperparam_mutations: dict[str, Distribution] = Field(default_factory=dict)
+    group_by: list[str] | None = Field(
+        default=None,
+        description="space keys whose values split the trials into groups; a trial is compared (stopped, "
+        "exploited) only within its group. None: the study factors the space varies (task, objectives.mix, "
+        "student.init); []: all trials are compared with each other",
+    )
 
     @model_validator(mode="after")
     def _coherent(self) -> SchedulerConfig:
@@ -200,4 +359,8 @@ class SchedulerConfig(StrictModel):
             raise ValueError(f"scheduler.grace_period {self.grace_period} exceeds scheduler.max_t {self.max_t}")
         if self.type == "pbt" and not self.hyperparam_mutations:
             raise ValueError("scheduler pbt needs hyperparam_mutations (e.g. training.learning_rate)")
+        moved = sorted(set(self.group_by or ()) & set(self.hyperparam_mutations))
+        if self.type == "pbt" and moved:
+            raise ValueError(f"scheduler.hyperparam_mutations changes {', '.join(moved)}, which scheduler.group_by "
+                             "groups trials by: PBT would move trials between groups; mutate other keys")
         return self

@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 
 from orchestrator.config import Resources, SweepSpec, TrackingConfig, check_folder_name
 from orchestrator.messages import UserError
-from orchestrator.preflight import validate
+from orchestrator.preflight import check, print_warnings, scheduler_warnings, validate
 from orchestrator.report import markdown_table, read_trials
 from orchestrator.search import SchedulerConfig, SearchConfig
 from orchestrator.state import (
@@ -110,8 +110,17 @@ def load_study_spec(path: Path, overrides: dict[str, Any] | None = None) -> Stud
 
 
 def check_study(spec: StudySpec) -> tuple[int, int]:
-    """Validate both stages before anything starts; returns the configs checked per stage."""
-    return len(validate(spec.stage("distill"))), len(validate(spec.stage("finetune")))
+    """Validate both stages before anything starts; returns the configs checked per stage. Stage 2's
+    scheduler is judged on the grid it will run: one student per stage-1 trial."""
+    distill = validate(spec.stage("distill"))
+    finetune = check(spec.stage("finetune"))
+    print_warnings(scheduler_warnings(spec.stage("finetune", placeholder_students(spec))))
+    return len(distill), len(finetune)
+
+
+def placeholder_students(spec: StudySpec) -> list[str]:
+    """Stand-ins for the students stage 1 registers, one per stage-1 trial."""
+    return [f"models:/stage-1-student/{i}" for i in range(1, spec.stage("distill").trial_count + 1)]
 
 
 def run_stage(spec: SweepSpec, address: str | None) -> SweepState:

@@ -8,9 +8,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import SweepSpec
+from orchestrator.config import GPU_AUTO, SweepSpec
 from orchestrator.console import RAY_LOG, SweepProgress, TableLog, log_tune_to
 from orchestrator.experiment_state import repair
+from orchestrator.gpu_memory import GpuPacking, cluster_nodes, gpu_memory_gib, plan_lines, representative_configs
 from orchestrator.inputs import describe_tasks
 from orchestrator.journal import STUDENTS_DIR
 from orchestrator.messages import UserError, first_line, last_line
@@ -173,7 +174,22 @@ def trainable_for(state: SweepState) -> Any:
 
     spec = state.sweep_spec
     trainable = tune.with_parameters(distillation_trial, kind=spec.run, cpus_per_trial=max(1, int(spec.resources.cpu)))
-    return tune.with_resources(trainable, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    return tune.with_resources(trainable, trial_resources(state))
+
+
+def trial_resources(state: SweepState) -> Any:
+    """What each trial asks Ray for: the file's numbers, or with gpu auto each trial's GPU share from
+    its memory (orchestrator.gpu_memory), checked on the representative configs and printed first."""
+    spec = state.sweep_spec
+    if spec.resources.gpu != GPU_AUTO:
+        return {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+    nodes = cluster_nodes()
+    memory = gpu_memory_gib(nodes, spec.resources.gpu_memory_gb)
+    packing = GpuPacking(spec, state.template, memory)
+    fits = packing.check(representative_configs(spec, state.template))
+    for line in plan_lines(fits, nodes, spec.resources.cpu, memory):
+        print(f"[distillsweep] {line}")
+    return packing
 
 
 def run_config_for(state: SweepState, tracker: SweepTracker, verbose: bool) -> Any:

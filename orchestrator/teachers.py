@@ -8,13 +8,13 @@ whole request).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig
 
 from orchestrator.config import SweepSpec
+from orchestrator.gpu_memory import teacher_task_gpus
 from orchestrator.messages import first_line
 from trainables.config import RunConfig, TrainingConfig, task_name_of
 from trainables.demo import demo_teacher_base
@@ -123,7 +123,7 @@ def prepare_teachers(spec: SweepSpec, configs: list[RunConfig]) -> dict[str, str
     import ray
 
     remote = ray.remote(finetune_teacher_task).options(
-        num_cpus=spec.resources.cpu, num_gpus=math.ceil(spec.resources.gpu), max_retries=spec.max_failures
+        num_cpus=spec.resources.cpu, num_gpus=teacher_task_gpus(spec.resources), max_retries=spec.max_failures
     )
     futures = {name: remote.remote(request) for name, request in teacher_requests(spec, configs).items()}
     for name, future in futures.items():

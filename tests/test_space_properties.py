@@ -34,7 +34,7 @@ from trainables.objectives import REGISTRY
 from trainables.tasks import KNOWN_TASKS
 
 TEACHER_LAYERS = 4
-OBJECTIVES = sorted(REGISTRY)
+OBJECTIVES = sorted(n for n, o in REGISTRY.items() if not o.own_loss_first)  # task-specific ones
 INIT_PRESETS = ["random", "lower", "upper", "skip"]
 MAPPING_PRESETS = ["skip", "last", "combine"]
 RANGES = ("uniform", "loguniform", "randint", "quniform")
@@ -390,7 +390,7 @@ def malformed_space_key(draw: Draw, spec: dict[str, Any]) -> list[str]:
 WRONG_VALUES = {
     "str": st.integers() | st.lists(st.integers(), min_size=1, max_size=2),
     "int": WORDS | st.lists(st.integers(), min_size=1, max_size=2) | st.just(2.5),
-    "float": WORDS | st.lists(st.integers(), min_size=1, max_size=2)
+    "float": WORDS.filter(lambda w: w != "auto") | st.lists(st.integers(), min_size=1, max_size=2)
     | st.dictionaries(WORDS, st.integers(), min_size=1),
     "bool": WORDS.filter(lambda w: len(w) > 5) | st.lists(st.integers(), min_size=1, max_size=2),
     "dict": WORDS | st.integers() | st.lists(st.integers(), min_size=1, max_size=2),
