@@ -15,7 +15,7 @@ import html
 import json
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,8 @@ class TrialRecord:
     setting: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     curve: tuple[tuple[int, float], ...] = ()  # (step, score) of each prediction-stage evaluation
+    # Keys the sweep's grouped early stopping pruned within each cell: a cell shows its best setting.
+    tuned: tuple[str, ...] = ()
 
 
 def tune_trial_states(folder: Path) -> dict[str, str]:
@@ -149,7 +151,46 @@ def split_keys(records: list[TrialRecord]) -> list[str]:
         for key in set().union(*settings):
             if len({s.get(key) for s in settings}) > 1:
                 keys.add(key)
-    return sorted(k for k in keys if k not in TABLE_AXES)
+    tuned = {key for record in records for key in record.tuned}
+    return sorted(k for k in keys if k not in TABLE_AXES and k not in tuned)
+
+
+def tuned_keys(spec: Any, records: list[TrialRecord]) -> tuple[str, ...]:
+    """The space keys a stopping scheduler compared within each study cell (not grouped by, not the
+    seed): the sweep tuned them, so a cell shows their best setting, not a row per value."""
+    from orchestrator.search import STOPPING, factor_of
+
+    group_by = spec.scheduler.group_by
+    if spec.scheduler.type not in STOPPING or group_by is None:
+        return ()
+    settings = {key for record in records for key in record.setting}
+    return tuple(sorted(key for key in spec.space if key in settings and key not in group_by
+                        and key != "training.seed" and factor_of(key) is None))
+
+
+def tuned_setting(record: TrialRecord) -> str:
+    return ", ".join(f"{key}={short(record.setting.get(key, '-'))}" for key in record.tuned)
+
+
+def winners(records: list[TrialRecord], value: str, include_stopped: bool) -> tuple[set[str], dict[str, str]]:
+    """The trials behind each cell: where the sweep tuned keys within cells, those of the cell's best
+    setting (highest mean over its counted trials); with a note per trial id of the choice."""
+    labels = row_labels(records)
+    by_cell: dict[tuple[str, str, str], dict[str, list[TrialRecord]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        by_cell[(record.task, labels[record.trial_id], record.init)][tuned_setting(record)].append(record)
+    kept: set[str] = set()
+    notes: dict[str, str] = {}
+    for settings in by_cell.values():
+        scores = {s: [getattr(r, value) for r in members if in_cell(r, value, include_stopped)]
+                  for s, members in settings.items()}
+        best = max((s for s in scores if scores[s]), key=lambda s: sum(scores[s]) / len(scores[s]), default=None)
+        for setting, members in settings.items():
+            if len(settings) == 1 or setting == best:
+                kept.update(r.trial_id for r in members)
+            if len(settings) > 1 and setting == best:
+                notes.update({r.trial_id: f"best of {len(settings)}: {setting}" for r in members})
+    return kept, notes
 
 
 def row_label(record: TrialRecord, keys: list[str]) -> str:
@@ -175,17 +216,23 @@ def in_cell(record: TrialRecord, value: str, include_stopped: bool) -> bool:
     return record.outcome.kind in kinds and getattr(record, value) is not None
 
 
-def cell_stats(records: list[TrialRecord], value: str, include_stopped: bool) -> dict[str, Any]:
-    scores = [getattr(r, value) for r in records if in_cell(r, value, include_stopped)]
+def cell_stats(records: list[TrialRecord], value: str, include_stopped: bool,
+               chosen: tuple[set[str], dict[str, str]] | None = None) -> dict[str, Any]:
+    """A cell's statistics over its counted trials (only those of its best tuned setting, `chosen`)."""
+    kept, notes = chosen if chosen is not None else ({r.trial_id for r in records}, {})
+    scores = [getattr(r, value) for r in records if in_cell(r, value, include_stopped) and r.trial_id in kept]
     counts = {kind: sum(r.outcome.kind == kind for r in records) for kind in COUNTED}
     mean = sum(scores) / len(scores) if scores else math.nan
     std = pd.Series(scores).std() if len(scores) > 1 else math.nan
-    return {"mean": mean, "std": std, "n": len(scores), **counts}
+    choice = next((notes[r.trial_id] for r in records if r.trial_id in notes), "")
+    return {"mean": mean, "std": std, "n": len(scores), **counts, "chosen": choice}
 
 
 def format_cell(stats: dict[str, Any], include_stopped: bool) -> str:
     """'84.8 ± 1.2 (n=2, 1 stopped)'; 'no completed trial (2 stopped)' where nothing finished."""
     extras = [f"{stats[kind]} {kind}" for kind in COUNTED if stats[kind]]
+    if stats.get("chosen"):
+        extras.insert(0, stats["chosen"])
     if include_stopped and stats["stopped"]:
         extras = [f"incl. {stats['stopped']} stopped"] + [e for e in extras if not e.endswith(" stopped")]
     if not stats["n"]:
@@ -210,13 +257,14 @@ def cells(records: list[TrialRecord], value: str, include_stopped: bool) -> pd.D
     """Long form: one row per (task, configuration, init) with its statistics."""
     rows = []
     labels = row_labels(records)
+    chosen = winners(records, value, include_stopped)
     for task in sorted({r.task for r in records}):
         groups: dict[tuple[str, str], list[TrialRecord]] = defaultdict(list)
         for record in (r for r in records if r.task == task):
             groups[(labels[record.trial_id], record.init)].append(record)
         for (label, init), members in sorted(groups.items()):
             rows.append({"task": task, "configuration": label, "init": init,
-                         **cell_stats(members, value, include_stopped)})
+                         **cell_stats(members, value, include_stopped, chosen)})
     return pd.DataFrame(rows)
 
 
@@ -260,10 +308,11 @@ def counted_trials(include_stopped: bool) -> str:
 def claims_of(records: list[TrialRecord], value: str, include_stopped: bool) -> Claims:
     """The paper's claims checked on the same trials, labels and counting rule as the tables."""
     labels = row_labels(records)
+    kept, _ = winners(records, value, include_stopped)
     return check_claims([
         Observation(task=r.task, configuration=labels[r.trial_id], mix=r.objective_mix, init=r.init, seed=r.seed,
                     score=getattr(r, value) if in_cell(r, value, include_stopped) else None)
-        for r in records
+        for r in records if r.trial_id in kept
     ])
 
 
@@ -281,6 +330,11 @@ def render_markdown(records: list[TrialRecord], value: str, include_stopped: boo
         "and listed below the table" + ("." if include_stopped else "; `--include-stopped` adds the stopped ones."),
         "",
     ]
+    tuned = sorted({key for r in records for key in r.tuned})
+    if tuned:
+        lines += [f"The sweep tuned {', '.join(tuned)} within each cell (early stopping compared only those): "
+                  "a cell shows its best setting, chosen on this same validation split, so its score is an "
+                  "optimistic estimate, as a tuned dev-set score is.", ""]
     for task, table in study_tables(records, value, include_stopped).items():
         lines += [f"## {task}", "", markdown_table(table, corner="objective \\ init"), ""]
     claims = claims_of(records, value, include_stopped)
@@ -358,6 +412,8 @@ def build_report(sweep_dir: Path, value: str, include_stopped: bool = False) -> 
     """Write the report next to the sweep and log it to the sweep's MLflow parent run."""
     state = SweepState.load(sweep_dir)
     records = read_trials(state.experiment_dir, state.template)
+    tuned = tuned_keys(state.sweep_spec, records)
+    records = [replace(record, tuned=tuned) for record in records]
     out_dir = Path(state.sweep_dir) / "report"
     md_path, csv_path, markdown = write_report(records, out_dir, value, include_stopped, study_figures(state, out_dir))
     try:

@@ -11,11 +11,16 @@ never on Tune's loop.
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import shlex
+import tempfile
 from pathlib import Path
+from typing import Any
 
 from orchestrator.messages import UserError
 from orchestrator.report import read_trials
 from orchestrator.state import SweepState
+from orchestrator.tracking import redact
 
 STUDENT_ARTIFACT = "student"
 PIPELINE_TASKS = {"distill": "text-classification", "pretrain": "fill-mask"}
@@ -50,7 +55,9 @@ def save_student_model(student_dir: Path, out_dir: Path, kind: str) -> None:
 
 def register_best_students(sweep_dir: Path, name: str) -> list[tuple[str, str, str]]:
     """Register the best completed trial's student of each task (by best score) in the Model
-    Registry as `NAME-TASK`; returns (task, run name, model version) per task."""
+    Registry as `NAME-TASK`, logging it from the trial's kept checkpoint first where the sweep did not;
+    returns (task, run name, model version) per task. Idempotent: a run already registered under
+    that name keeps its version."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -68,11 +75,42 @@ def register_best_students(sweep_dir: Path, name: str) -> list[tuple[str, str, s
             continue
         best = max(completed, key=lambda r: r.best_score)
         run = runs_by_trial.get(best.trial_id)
-        if run is None or run.data.tags.get("student_logged") != "true":
-            raise UserError(
-                f"the best {task} trial ({best.trial_id}) has no student in MLflow: run the sweep with "
-                "`log_students: true`, and `distillsweep sync` if MLflow was down"
-            )
-        version = mlflow.register_model(f"runs:/{run.info.run_id}/{STUDENT_ARTIFACT}", f"{name}-{task}")
+        if run is None:
+            raise UserError(f"the best {task} trial ({best.trial_id}) has no run in MLflow yet: "
+                            f"run `distillsweep sync {sweep_dir}` first")
+        if run.data.tags.get("student_logged") != "true":
+            log_kept_student(client, run.info.run_id, kept_student(state.experiment_dir, best.trial_id), state.template.kind)
+        model_name = f"{name}-{task}"
+        held = [v for v in client.search_model_versions(f"run_id = '{run.info.run_id}'") if v.name == model_name]
+        version = held[0] if held else mlflow.register_model(f"runs:/{run.info.run_id}/{STUDENT_ARTIFACT}", model_name)
         registered.append((task, run.info.run_name, version.version))
     return registered
+
+
+def kept_student(experiment_dir: Path, trial_id: str) -> Path:
+    """The student a completed trial keeps in its last checkpoint (retention keeps only that)."""
+    kept = sorted(experiment_dir.glob(f"*_{trial_id}_*/checkpoint_*/student"))
+    if not kept:
+        raise UserError(
+            f"trial {trial_id} kept no student in {experiment_dir} and its run has none in MLflow: run the "
+            "sweep with `log_students: true` to log every completed trial's student"
+        )
+    return kept[-1]
+
+
+def log_kept_student(client: Any, run_id: str, student_dir: Path, kind: str) -> None:
+    """Log a student that the sweep did not log (`log_students: false`) to its trial's run, so that
+    registering the best one does not need every student uploaded."""
+    with tempfile.TemporaryDirectory() as folder:
+        model = Path(folder) / "model"
+        save_student_model(student_dir, model, kind)
+        client.log_artifacts(run_id, str(model), STUDENT_ARTIFACT)
+    client.set_tag(run_id, "student_logged", "true")
+
+
+def load_line(tracking_uri: str, model_name: str, version: str, example: str) -> str:
+    """The one shell line that loads a registered student and predicts, as a user would type it (the
+    URI with any password redacted: the user's own environment holds the real one)."""
+    code = (f"import mlflow; print(mlflow.pyfunc.load_model({json.dumps(f'models:/{model_name}/{version}')})"
+            f".predict([{json.dumps(example)}]))")
+    return f"MLFLOW_TRACKING_URI={shlex.quote(redact(tracking_uri))} python -c {shlex.quote(code)}"

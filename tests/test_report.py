@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from orchestrator.outcome import TrialOutcome, trial_outcome
 from orchestrator.report import TrialRecord, render_markdown, study_tables
@@ -69,3 +70,27 @@ def test_failed_trials_are_counted_beside_the_cell_not_averaged() -> None:
     assert "`b` demo, kd, init upper, seed 2: failed at step 0 of 60: OSError: disk full" in render_markdown(
         records, "best_score", include_stopped=False
     )
+
+
+def test_a_key_tuned_within_cells_shows_each_cells_best_setting_with_its_seeds() -> None:
+    """Grouped early stopping tuned the learning rate inside each cell: the cell is the best rate's
+    mean over its seeds (never a mix of rates), and says which rate won out of how many."""
+    lr = "training.learning_rate"
+    tuned = {"tuned": (lr,)}
+    records = [
+        replace(record("a", "kd", "lower", 1, 0.76, COMPLETED, **{lr: "0.0003"}), **tuned),
+        replace(record("b", "kd", "lower", 2, 0.74, COMPLETED, **{lr: "0.0003"}), **tuned),
+        replace(record("c", "kd", "lower", 1, 0.80, COMPLETED, **{lr: "0.0001"}), **tuned),
+        replace(record("d", "kd", "lower", 2, 0.50, STOPPED, **{lr: "0.0001"}), **tuned),
+        replace(record("e", "kd", "upper", 1, 0.84, COMPLETED, **{lr: "0.0001"}), **tuned),
+        replace(record("f", "kd", "upper", 1, 0.50, STOPPED, **{lr: "0.0003"}), **tuned),
+    ]
+    table = study_tables(records)["demo"]
+    assert list(table.index) == ["kd"], "a tuned key makes no rows of its own"
+    # lower: 0.0001 has one completed seed at 0.80 and beats 0.0003's mean 0.75 over two seeds.
+    assert table.loc["kd", "lower"] == "80.0 (n=1, best of 2: training.learning_rate=0.0001, 1 stopped)"
+    assert table.loc["kd", "upper"] == "84.0 (n=1, best of 2: training.learning_rate=0.0001, 1 stopped)"
+    assert "tuned training.learning_rate within each cell" in render_markdown(records, "best_score", False)
+
+    untuned = [replace(r, tuned=()) for r in records]
+    assert len(study_tables(untuned)["demo"]) == 2, "without tuning each rate is a configuration of its own"

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 
 def test_quickstart_preset_runs_from_cli_with_asha_and_mlflow(tiny_demo_teacher, demo_cache, tmp_path, ray_address):
     """The preset as shipped but for its teacher: the tiny one (the MiniLM demo teacher takes minutes
-    to fine-tune on 2 cores, and `distillsweep demo` is what runs it)."""
+    to fine-tune on 2 cores, and `distillsweep demo` is what runs it). ASHA compares the two learning
+    rates of a cell, never two cells: every cell keeps a trial trained to the end."""
     uri = sqlite_store(tmp_path)
     done = distillsweep(
         ["sweep", str(ROOT / "search_spaces" / "quickstart.yaml"), "--set", f"storage={tmp_path / 'sweeps'}",
@@ -31,45 +32,75 @@ def test_quickstart_preset_runs_from_cli_with_asha_and_mlflow(tiny_demo_teacher,
         demo_cache, tmp_path, ray_address=ray_address,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "warning" not in done.stdout + done.stderr, "the preset groups what the report compares"
     results = trial_results(tmp_path / "sweeps" / "quickstart")
-    assert len(results) == 6
+    assert len(results) == 8
     # The console: one line per ended trial (and a few of Ray's and MLflow's), not Tune's tables,
     # which go to the sweep's ray.log.
     console = (done.stdout + done.stderr).splitlines()
     progress = [line for line in console if line.startswith("trials ")]
-    assert len(console) < 40 and 1 <= len(progress) <= 6 and progress[-1].startswith("trials 6/6 done"), console
+    assert len(console) < 40 and 1 <= len(progress) <= 8 and progress[-1].startswith("trials 8/8 done"), console
     assert "best score" in progress[-1] and "| 0 running" in progress[-1], progress[-1]
     assert "Trial name" in (tmp_path / "sweeps" / "quickstart" / "ray.log").read_text()
     steps = {trial: rows[-1]["step"] for trial, rows in results.items()}
-    assert max(steps.values()) == 60
-    assert min(steps.values()) < 60, f"ASHA stopped no trial early: {steps}"
+    scores = {trial: max(r["score"] for r in rows) for trial, rows in results.items()}
+    cell_of = {trial: ("kd" if rows[0]["config"]["objectives.mix"] == ["kd"] else "att_kl+kd",
+                       rows[0]["config"]["student.init"]) for trial, rows in results.items()}
+    cells: dict[tuple, list[int]] = {}
+    for trial, rows in results.items():
+        config = rows[0]["config"]
+        cells.setdefault((str(config["objectives.mix"]), config["student.init"]), []).append(steps[trial])
+    assert len(cells) == 4 and all(40 in reached for reached in cells.values()), f"a cell lost every trial: {cells}"
+    assert min(steps.values()) < 40, f"ASHA stopped no trial early inside any cell: {cells}"
 
     parent, children = sweep_runs(uri, "quickstart")
-    assert len(children) == 6
+    assert len(children) == 8
     by_trial = {c.data.tags["ray_trial_id"]: c for c in children}
     assert set(by_trial) == set(results)
     for trial, rows in results.items():
         child = by_trial[trial]
-        completed = rows[-1]["step"] == 60
+        completed = rows[-1]["step"] == 40
         assert child.data.tags["trial_outcome"] == ("completed" if completed else "stopped")
         assert child.info.status == ("FINISHED" if completed else "KILLED")
         if not completed:
-            assert child.data.tags["trial_outcome_detail"] == f"stopped by the scheduler at step {rows[-1]['step']} of 60"
-        assert child.data.tags["objective_mix"] in ("kd", "hidden_mse+kd", "att_kl+kd")
+            assert child.data.tags["trial_outcome_detail"] == f"stopped by the scheduler at step {rows[-1]['step']} of 40"
+        assert child.data.tags["objective_mix"] in ("kd", "att_kl+kd")
         assert child.data.params["student.init"] in ("lower", "upper")
         assert metric_steps(uri, child.info.run_id) == [r["step"] for r in rows]
     assert parent.info.status == "FINISHED"
 
     folder = tmp_path / "sweeps" / "quickstart"
     status = distillsweep(["status", str(folder)], demo_cache, tmp_path)
-    stopped = sum(rows[-1]["step"] < 60 for rows in results.values())
-    assert status.returncode == 0 and f"{6 - stopped} completed, {stopped} stopped" in status.stdout
+    stopped = sum(step < 40 for step in steps.values())
+    assert status.returncode == 0 and f"{8 - stopped} completed, {stopped} stopped" in status.stdout
 
-    report = distillsweep(["report", str(folder)], demo_cache, tmp_path)
+    report = distillsweep(["report", str(folder), "--register", "quickstart"], demo_cache, tmp_path)
     assert report.returncode == 0, report.stdout + report.stderr
-    cells = pd.read_csv(folder / "report" / "report.csv")
-    assert cells["n"].sum() == 6 - stopped and cells["stopped"].sum() == stopped
+    # One row per objective mix x initialisation: the learning rate was tuned within each cell.
+    table = pd.read_csv(folder / "report" / "report.csv")
+    assert len(table) == 4 and table["stopped"].sum() == stopped
+    assert table["mean"].notna().all(), "every cell of the objective x initialisation table holds a score"
+    for cell in table.to_dict("records"):
+        best = max(scores[trial] for trial in results if cell_of[trial] == (cell["configuration"], cell["init"])
+                   and steps[trial] == 40)
+        assert cell["mean"] == pytest.approx(best)
+    assert "tuned training.learning_rate within each cell" in report.stdout
     assert "stopped by the scheduler at step" in report.stdout
+    assert "registered quickstart-demo version 1" in report.stdout + report.stderr
+
+    # The demo's closing lines: the registered student (logged from its kept checkpoint, since the
+    # preset logs no students) loads by its registry name and predicts. Registering again is a no-op.
+    from orchestrator.demo import register_demo_students
+
+    demo = register_demo_students(folder)
+    assert len(demo.registered) == 1 and "quickstart-demo version 1" in demo.registered[0], demo.registered
+    registry = MlflowClient(uri)
+    assert [m.name for m in registry.search_registered_models()] == ["quickstart-demo"]
+    line = demo.load_lines[0].replace(" python -c ", f" {sys.executable} -c ")  # this test's interpreter
+    loaded = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=cli_env(demo_cache),
+                            capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert "label" in loaded.stdout and "score" in loaded.stdout, loaded.stdout
 
 
 @pytest.fixture(scope="module")
