@@ -7,7 +7,9 @@ runs when it runs: those modules bring Ray and PyTorch, which `--help` should no
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -110,8 +112,8 @@ def print_metrics(title: str, metrics: dict[str, Any]) -> None:
 
 def print_data(text: str) -> None:
     """Print text made of data (a report's task names, trial errors) as written: as `Text`, Rich
-    reads no `[/]` or `[link=...]` in it as markup."""
-    Console().print(Text(text))
+    reads no `[/]` or `[link=...]` in it as markup, and long table rows stay whole lines."""
+    Console(soft_wrap=True).print(Text(text))
 
 
 @app.command()
@@ -202,12 +204,29 @@ def demo(
     """The offline demo: fine-tune the MiniLM teacher on real tweets once, then run the quickstart sweep."""
     from orchestrator.demo import run_demo
 
-    folder = run_demo(workdir.resolve(), address, verbose)
+    result = run_demo(workdir.resolve(), address, verbose)
+    folder = result.folder
     print_data((folder / "report" / "report.md").read_text())
+    for line in result.registered:
+        print_data(line)
+    print_data("load it and predict:")
+    for line in result.load_lines:
+        print_data(f"  {line}")
     console.print(
         f"sweep folder: {folder}\n  distillsweep status {folder}\n  distillsweep ui {folder}   "
-        "# MLflow UI on http://127.0.0.1:5000"
+        "# MLflow UI on http://127.0.0.1:5000 (Models: the registered student)"
     )
+
+
+ProfileOption = Annotated[str | None, typer.Option(
+    "--device-profile", help="the dry run's cost estimate on this device: a shipped profile (h200, cpu-xeon-amx) or "
+    "a YAML file of your own (default: h200 where trials ask for a GPU, else cpu-xeon-amx)")]
+DevicesOption = Annotated[int | None, typer.Option(
+    "--devices", min=1, help="devices the dry run's wall-clock assumes (default: what one trial holds)")]
+JsonOption = Annotated[bool, typer.Option("--json", help="print the dry run's cost estimate as JSON, for scripts")]
+GpuMemoryOption = Annotated[float | None, typer.Option(
+    "--gpu-memory-gb", help="for resources.gpu auto: memory of one GPU in GiB, which sizes each trial's share "
+    "(sets resources.gpu_memory_gb; default: from the GPU type Ray reports)")]
 
 
 @app.command()
@@ -216,22 +235,154 @@ def sweep(
     space_file: Annotated[Path, typer.Argument(help="search-space YAML (see search_spaces/)")],
     address: AddressOption = None,
     set_: SetOption = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and print the trials; start nothing")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="validate, print the trials and what they will cost; start nothing")] = False,
     verbose: VerboseOption = False,
+    device_profile: ProfileOption = None,
+    devices: DevicesOption = None,
+    as_json: JsonOption = False,
+    gpu_memory_gb: GpuMemoryOption = None,
 ) -> None:
     """Run a sweep: every trial of the space file, scheduled by Ray Tune, recorded in MLflow."""
     from orchestrator.config import load_sweep_spec
-    from orchestrator.preflight import validate
+
+    spec = sweep_with_gpu_memory(load_sweep_spec(space_file, parse_overrides(set_)), gpu_memory_gb)
+    if dry_run:
+        dry_run_sweep(spec, device_profile, devices, as_json)
+        return
+    refuse_estimate_options(device_profile, devices, as_json)
     from orchestrator.sweep import start_sweep
 
-    spec = load_sweep_spec(space_file, parse_overrides(set_))
-    if dry_run:
-        configs = validate(spec)
-        print_space(spec, len(configs))
-        return
     state = start_sweep(spec, address, verbose)
     console.print(f"sweep finished: {state.sweep_dir}")
     console.print(f"  distillsweep status {state.sweep_dir}\n  distillsweep report {state.sweep_dir}")
+
+
+def dry_run_sweep(spec: Any, device_profile: str | None, devices: int | None, as_json: bool) -> None:
+    """`sweep --dry-run`: the checks, then the space, the GPU plan and the cost estimate, or all as JSON."""
+    from orchestrator.cost import estimate_sweep, gpus_per_trial
+    from orchestrator.device_profiles import load_profile
+    from orchestrator.preflight import validate
+
+    with data_only(as_json):
+        configs = validate(spec)
+        plan = gpu_plan(spec, configs)
+        profile = load_profile(device_profile, gpus_per_trial(spec.resources) > 0)
+        estimate = estimate_sweep(spec, configs, profile, devices)
+    if as_json:
+        print(json.dumps({**estimate.as_json(), "gpu_plan": plan_json(plan)}, indent=2))
+        return
+    print_space(spec, len(configs))
+    print_plan(plan)
+    print_cost(estimate)
+
+
+def data_only(as_json: bool) -> contextlib.AbstractContextManager[Any]:
+    """With --json, what checks print (warnings) goes to stderr: stdout holds the JSON alone."""
+    return contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
+
+
+AUTO_ONLY = "--gpu-memory-gb sizes GPU shares by memory, which only resources.gpu: auto does"
+
+
+def sweep_with_gpu_memory(spec: Any, gib: float | None) -> Any:
+    """The sweep with --gpu-memory-gb as its resources.gpu_memory_gb."""
+    from orchestrator.config import GPU_AUTO
+
+    if gib is None:
+        return spec
+    if spec.resources.gpu != GPU_AUTO:
+        raise UserError(f"{AUTO_ONLY}; sweep {spec.name} asks for gpu {spec.resources.gpu:g}: set resources.gpu: "
+                        "auto (--set resources.gpu=auto) or leave the option out")
+    return spec.model_copy(update={"resources": with_gpu_memory(spec.resources, gib)})
+
+
+def study_with_gpu_memory(spec: Any, gib: float | None) -> Any:
+    """The study with --gpu-memory-gb on each stage whose resources.gpu is auto."""
+    from orchestrator.config import GPU_AUTO
+
+    if gib is None:
+        return spec
+    stages = {name: getattr(spec, name) for name in ("distill", "finetune")
+              if getattr(spec, name).resources.gpu == GPU_AUTO}
+    if not stages:
+        raise UserError(f"{AUTO_ONLY}; neither stage of study {spec.name} uses it (distill.resources.gpu "
+                        f"{spec.distill.resources.gpu:g}, finetune.resources.gpu {spec.finetune.resources.gpu:g}): "
+                        "set one to auto or leave the option out")
+    return spec.model_copy(update={name: stage.model_copy(update={"resources": with_gpu_memory(stage.resources, gib)})
+                                   for name, stage in stages.items()})
+
+
+def with_gpu_memory(resources: Any, gib: float) -> Any:
+    from orchestrator.config import Resources
+
+    return Resources.model_validate({**resources.model_dump(), "gpu_memory_gb": gib})
+
+
+def gpu_plan(spec: Any, configs: list[Any], known: dict[str, Any] | None = None) -> Any:
+    """The dry run's GPU plan where trials size their GPU share by memory (None elsewhere)."""
+    from orchestrator.config import GPU_AUTO
+    from orchestrator.gpu_memory import dry_run_plan
+
+    return dry_run_plan(spec, configs, known) if spec.resources.gpu == GPU_AUTO else None
+
+
+def dry_run_study(spec: Any, device_profile: str | None, devices: int | None, as_json: bool) -> None:
+    """`study --dry-run`: both stages checked, the distill stage's space, each stage's GPU plan and
+    cost estimate, or all as JSON."""
+    from orchestrator.cost import estimate_study, gpus_per_trial
+    from orchestrator.cost_table import study_total_line
+    from orchestrator.device_profiles import load_profile
+    from orchestrator.study import check_study
+
+    wants_gpu = gpus_per_trial(spec.distill.resources) > 0 or gpus_per_trial(spec.finetune.resources) > 0
+    with data_only(as_json):
+        distill_count, finetune_count = check_study(spec)
+        plans = study_gpu_plans(spec)
+        estimate = estimate_study(spec, load_profile(device_profile, wants_gpu), devices)
+    if as_json:
+        gpu_plans = {name: plan_json(plan) for name, plan in plans.items()}
+        print(json.dumps({**estimate.as_json(), "gpu_plan": gpu_plans}, indent=2))
+        return
+    Console().print(
+        f"study {spec.name}: stage 1 distils {spec.stage('distill').trial_count} students "
+        f"({distill_count} configs checked); stage 2 fine-tunes each over "
+        f"{spec.stage('finetune').trial_count} configurations ({finetune_count} checked)"
+    )
+    print_space(spec.stage("distill"), distill_count)
+    for name, plan in plans.items():
+        print_plan(plan, f"stage {name}: ")
+    print_cost(estimate.distill, f"stage 1 of study {spec.name}: distil, on {estimate.distill.profile.name}")
+    print_cost(estimate.finetune, f"stage 2 of study {spec.name}: fine-tune every student, on "
+               f"{estimate.finetune.profile.name}")
+    print_data(study_total_line(estimate))
+
+
+def study_gpu_plans(spec: Any) -> dict[str, Any]:
+    """Each stage's GPU plan (None where it does not use gpu auto); stage 2's students have stage 1's shape."""
+    from orchestrator.cost import stage_one_students
+    from orchestrator.gpu_memory import representative_configs
+
+    students, known = stage_one_students(spec)
+    stages = {"distill": spec.stage("distill"), "finetune": spec.stage("finetune", students)}
+    return {name: gpu_plan(stage, representative_configs(stage), known) for name, stage in stages.items()}
+
+
+def plan_json(plan: Any) -> dict[str, Any] | None:
+    return None if plan is None else plan.as_json()
+
+
+def print_plan(plan: Any, where: str = "") -> None:
+    """The GPU plan's lines, the first saying `where` (a study's stage)."""
+    for index, line in enumerate(plan.lines() if plan else []):
+        print_data(f"{where}{line}" if index == 0 else line)
+
+
+def refuse_estimate_options(device_profile: str | None, devices: int | None, as_json: bool) -> None:
+    given = [name for name, value in (("--device-profile", device_profile), ("--devices", devices),
+                                      ("--json", as_json)) if value]
+    if given:
+        raise UserError(f"{', '.join(given)}: options of the cost estimate, which only --dry-run prints; add --dry-run")
 
 
 def print_space(spec: Any, checked: int) -> None:
@@ -242,7 +393,7 @@ def print_space(spec: Any, checked: int) -> None:
     table.add_column("space entry")
     table.add_column("values")
     for key, value in spec.space.items():
-        shown = f"{value.kind} {brief(getattr(value, value.kind))}" if isinstance(value, Distribution) else brief(value)
+        shown = f"{value.kind} {shown_values(key, value)}" if isinstance(value, Distribution) else brief(value)
         table.add_row(key, Text(shown))  # Text: values are shown as written, never read as markup
     out = Console()
     out.print(table)
@@ -250,6 +401,29 @@ def print_space(spec: Any, checked: int) -> None:
         f"search {spec.search.algorithm}, scheduler {spec.scheduler.type}, "
         f"{spec.resources.cpu} CPU + {spec.resources.gpu} GPU per trial; {checked} trial configs checked"
     )
+
+
+SHOWN_MIXES = 40  # objective mixes the dry run's table names; more are counted
+
+
+def shown_values(key: str, dist: Any) -> str:
+    """A distribution's values, bounded; every objective mix by name (`att_kl+hidden_mse`), up to SHOWN_MIXES."""
+    from orchestrator.spaces import MIX_KEY
+    from orchestrator.trials import label
+
+    values = getattr(dist, dist.kind)
+    if key != MIX_KEY or dist.kind not in ("grid", "choice"):
+        return brief(values)
+    more = f", and {len(values) - SHOWN_MIXES} more" if len(values) > SHOWN_MIXES else ""
+    return ", ".join(label(mix) for mix in values[:SHOWN_MIXES]) + more
+
+
+def print_cost(estimate: Any, title: str | None = None) -> None:
+    from orchestrator.cost_table import cost_notes, cost_table
+
+    Console().print(cost_table(estimate, title))
+    for line in cost_notes(estimate):
+        print_data(line)
 
 
 @app.command()
@@ -298,20 +472,21 @@ def study(
     study_file: Annotated[Path, typer.Argument(help="study YAML: a distill stage and a finetune stage")],
     address: AddressOption = None,
     set_: SetOption = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="validate both stages; start nothing")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="validate both stages and print what they will cost; start nothing")] = False,
+    device_profile: ProfileOption = None,
+    devices: DevicesOption = None,
+    as_json: JsonOption = False,
+    gpu_memory_gb: GpuMemoryOption = None,
 ) -> None:
     """Task-agnostic study: distil students on text, fine-tune each on GLUE tasks, report objective x task."""
-    from orchestrator.study import check_study, load_study_spec, run_study, study_report
+    from orchestrator.study import load_study_spec, run_study, study_report
 
-    spec = load_study_spec(study_file, parse_overrides(set_))
+    spec = study_with_gpu_memory(load_study_spec(study_file, parse_overrides(set_)), gpu_memory_gb)
     if dry_run:
-        distill_count, finetune_count = check_study(spec)
-        Console().print(
-            f"study {spec.name}: stage 1 distils {spec.stage('distill').trial_count} students "
-            f"({distill_count} configs checked); stage 2 fine-tunes each over "
-            f"{spec.stage('finetune').trial_count} configurations ({finetune_count} checked)"
-        )
+        dry_run_study(spec, device_profile, devices, as_json)
         return
+    refuse_estimate_options(device_profile, devices, as_json)
     state = run_study(spec, address)
     _, markdown = study_report(Path(state.study_dir))
     print_data(markdown)
@@ -328,7 +503,7 @@ def report(
     ] = False,
     register: Annotated[str | None, typer.Option(
         help="register the best completed student of each task in MLflow's Model Registry as NAME-TASK "
-        "(needs `log_students: true`)")] = None,
+        "(logged from its kept checkpoint if the sweep did not log students)")] = None,
 ) -> None:
     """Print and save the study's tables and figures (Markdown, CSV, SVG, report.html) and log them
     to the sweep's MLflow run."""

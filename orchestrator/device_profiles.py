@@ -3,8 +3,9 @@
 A profile is a small table of achieved TFLOP/s, one entry per measured model width, per-device
 batch and precision, each with its source. The shipped ones (`device_profiles.yaml` beside this
 module) are BENCHMARKS.md's measurements of figure 1: examples per second of whole steps (teacher
-forward, student forward and backward, optimiser) turned into TFLOP/s with `orchestrator.cost`'s
-count of the same step, so that an estimate made with that count gives back the measured time.
+forward, student forward and backward, optimiser) turned into TFLOP/s with
+`orchestrator.cost_flops`'s count of the same step, so that an estimate made with that count gives
+back the measured time.
 `--device-profile FILE` reads one profile in the same format, validated here.
 """
 
@@ -31,7 +32,7 @@ class Rate(StrictModel):
     precision: Precision
     batch_size: int = Field(ge=1, description="per-device training batch of the measurement")
     hidden_size: int = Field(ge=1, description="width of the teacher and student measured")
-    tflops: float = Field(gt=0, description="achieved TFLOP/s of whole steps, FLOPs as orchestrator.cost counts them")
+    tflops: float = Field(gt=0, description="achieved TFLOP/s of whole steps, FLOPs as orchestrator.cost_flops counts them")
     source: str = Field(min_length=1, description="where the figure comes from")
 
 

@@ -40,15 +40,15 @@ from __future__ import annotations
 
 import functools
 import math
-import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from orchestrator.config import GPU_AUTO
-from orchestrator.messages import UserError, brief, first_line
-from trainables.config import LocalTask, PretrainConfig, RunConfig
+from orchestrator.cost_stages import cached_stages, precision, run_stages
+from orchestrator.messages import UserError, brief
+from orchestrator.model_shapes import Architecture, UnknownShape, read_architecture, student_architecture
+from trainables.config import LocalTask, PretrainConfig, PretrainedInit, RunConfig
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = GIB // 2
@@ -66,44 +66,24 @@ GPU_MEMORY_GIB = {
     "H100": 79.0, "H200": 139.0, "H20": 95.0, "B200": 178.0, "GB200": 184.0, "RTX-PRO-6000": 94.0,
 }
 
-# Shapes of the hub models the presets name, for planning where the hub is out of reach:
-# (layers, width, heads, FFN width, vocabulary, positions, token types).
-KNOWN_SHAPES = {
-    "bert-base-uncased": (12, 768, 12, 3072, 30522, 512, 2),
-    "bert-large-uncased": (24, 1024, 16, 4096, 30522, 512, 2),
-    "roberta-base": (12, 768, 12, 3072, 50265, 514, 1),
-    "roberta-large": (24, 1024, 16, 4096, 50265, 514, 1),
-}
-
-
 # --- the estimate: pure functions of shapes and settings ------------------------------------------
 
 
 @dataclass(frozen=True)
-class ModelShape:
+class ModelShape(Architecture):
     """A BERT-family encoder with a sequence-classification or masked-LM head."""
 
-    layers: int
-    hidden: int
-    heads: int
-    intermediate: int
-    vocab: int
-    positions: int
-    type_vocab: int
     labels: int = 2
     masked_lm: bool = False
 
     @classmethod
+    def of(cls, architecture: Architecture, labels: int, masked_lm: bool = False) -> ModelShape:
+        return cls(*(getattr(architecture, f.name) for f in fields(Architecture)), labels, masked_lm)
+
+    @classmethod
     def of_config(cls, config: Any, labels: int, masked_lm: bool = False) -> ModelShape:
         """From a transformers config (BERT, RoBERTa, ELECTRA... field names)."""
-        return cls(config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.intermediate_size,
-                   config.vocab_size, config.max_position_embeddings, getattr(config, "type_vocab_size", 1) or 1,
-                   labels, masked_lm)
-
-    def cut(self, layers: int, hidden: int | None, heads: int | None, intermediate: int | None) -> ModelShape:
-        """The student built from this teacher: fewer layers, optionally narrower."""
-        return ModelShape(layers, hidden or self.hidden, heads or self.heads, intermediate or self.intermediate,
-                          self.vocab, self.positions, self.type_vocab, self.labels, self.masked_lm)
+        return cls.of(Architecture.of_config(config), labels, masked_lm)
 
     @property
     def parameters(self) -> int:
@@ -230,36 +210,17 @@ def describe_need(need: MemoryNeed) -> str:
 # --- from a trial's config -----------------------------------------------------------------------
 
 
-def read_model_config(source: str) -> Any:
-    """A model's transformers config without its weights; from an MLflow URI, config.json alone (under
-    model/ in an MLflow transformers model, as students are logged; else at the top)."""
-    from transformers import AutoConfig
-
-    from trainables.models import MLFLOW_URI_PREFIXES, resolve_model_source
-
-    if not source.startswith(MLFLOW_URI_PREFIXES):
-        return AutoConfig.from_pretrained(resolve_model_source(source))
-    import mlflow
-
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            local = mlflow.artifacts.download_artifacts(f"{source.rstrip('/')}/model/config.json", dst_path=folder)
-        except (OSError, mlflow.MlflowException):
-            local = mlflow.artifacts.download_artifacts(f"{source.rstrip('/')}/config.json", dst_path=folder)
-        return AutoConfig.from_pretrained(Path(local).parent)
-
-
 @functools.cache
 def model_shape(source: str, labels: int, masked_lm: bool = False) -> ModelShape:
-    """The shape of a model directory, hub id or MLflow URI; the presets' hub models also offline."""
+    """The shape of a model directory, hub id or MLflow URI (orchestrator.model_shapes)."""
     try:
-        return ModelShape.of_config(read_model_config(source), labels, masked_lm)
-    except Exception as err:  # hub, MLflow and file errors alike: say what could not be read
-        known = KNOWN_SHAPES.get(source.rsplit("/", 1)[-1])
-        if known is None:
-            raise UserError(f"resources.gpu auto: cannot read the shape of model {brief(source)} "
-                            f"({first_line(err)}): give resources.gpu as a number") from None
-        return ModelShape(*known, labels=labels, masked_lm=masked_lm)
+        return ModelShape.of(read_architecture(source), labels, masked_lm)
+    except UnknownShape as err:
+        raise unreadable(err) from None
+
+
+def unreadable(err: UnknownShape) -> UserError:
+    return UserError(f"resources.gpu auto: {err}: give resources.gpu as a number")
 
 
 def task_labels(cfg: RunConfig | PretrainConfig) -> int:
@@ -269,23 +230,19 @@ def task_labels(cfg: RunConfig | PretrainConfig) -> int:
 
 def stage_loads(cfg: RunConfig | PretrainConfig) -> tuple[tuple[StageLoad, ...], bool, int]:
     """Each stage's load, whether some stage reads the logit cache, and the CRD bank width."""
-    from trainables.distiller import make_terms, plan_stages, pretrain_stages
+    from trainables.distiller import make_terms
     from trainables.objectives import Reads
 
-    terms = make_terms(cfg.objectives)
-    if isinstance(cfg, PretrainConfig):
-        stages, own_loss = pretrain_stages(terms, cfg.mlm_weight, cfg.training.max_steps), True
-    else:
-        stages, own_loss = plan_stages(terms, cfg.ce_weight, cfg.two_stage), False
-    cache_on = cfg.training.teacher_logits_cache and not cfg.fidelity.teacher_dropout
-    cached = [cache_on and stage.needs_teacher and stage.reads_only_logits for stage in stages]
+    stages, own_loss = run_stages(cfg), isinstance(cfg, PretrainConfig)
+    cached = cached_stages(cfg, stages)
     loads = tuple(
         StageLoad(teacher_live=stage.needs_teacher and not from_cache, teacher_qkv=stage.needs_qkv,
                   relation_kinds=(Reads.ATTENTION in stage.reads) + (Reads.QKV in stage.reads),
                   hidden_states=Reads.HIDDEN_STATES in stage.reads, lm_loss=own_loss and stage.ce_weight > 0)
         for stage, from_cache in zip(stages, cached)
     )
-    bank_width = sum(2 * getattr(t.params, "feat_dim", 0) for t in terms if t.objective.keeps_state)
+    banks = [t for t in make_terms(cfg.objectives) if t.objective.keeps_state]
+    bank_width = sum(2 * getattr(t.params, "feat_dim", 0) for t in banks)
     return loads, any(cached), bank_width
 
 
@@ -294,24 +251,22 @@ def workload_of(cfg: RunConfig | PretrainConfig) -> Workload:
     length = cfg.corpus.block_size if isinstance(cfg, PretrainConfig) else training.max_seq_length
     rows = min(training.max_train_samples or UNKNOWN_TRAIN_ROWS, UNKNOWN_TRAIN_ROWS)
     loads, cached, bank_width = stage_loads(cfg)
-    half = training.bf16 or training.fp16 or training.mixed_precision == "auto"  # auto is bf16/fp16 on every GPU
+    half = precision(training, auto="bf16") != "fp32"  # auto is bf16 or fp16 on every GPU
     return Workload(training.per_device_train_batch_size, length, half, loads, training.num_processes,
                     cache_rows=rows if cached else 0, bank_floats=rows * bank_width)
 
 
-def shapes_of(cfg: RunConfig | PretrainConfig, teacher_source: str | None) -> tuple[ModelShape, ModelShape | None]:
-    """(student, teacher) of a trial; `teacher_source` is where the teacher's architecture can be read."""
-    from trainables.config import PretrainedInit
-
+def shapes_of(cfg: RunConfig | PretrainConfig, teacher_source: str | None,
+              known: dict[str, Architecture] | None = None) -> tuple[ModelShape, ModelShape | None]:
+    """(student, teacher) of a trial; `teacher_source` is where the teacher's architecture can be read,
+    `known` the shapes of students no file describes yet (a study's stage-1 students, in its dry run)."""
     labels, masked_lm = task_labels(cfg), isinstance(cfg, PretrainConfig)
     teacher = model_shape(teacher_source, labels, masked_lm) if teacher_source else None
-    student = cfg.student
-    if isinstance(student.init, PretrainedInit):
-        return model_shape(student.init.pretrained, labels, masked_lm), teacher
-    if teacher is None:
-        raise UserError("resources.gpu auto: a trial without a teacher needs student.init {pretrained: ...}")
-    return teacher.cut(student.num_layers, student.hidden_size, student.num_attention_heads,
-                       student.intermediate_size), teacher
+    try:
+        student = student_architecture(cfg.student, teacher, known)
+    except UnknownShape as err:
+        raise unreadable(err) from None
+    return ModelShape.of(student, labels, masked_lm), teacher
 
 
 # --- the cluster ---------------------------------------------------------------------------------
@@ -370,6 +325,7 @@ class TrialFit:
     gpu: float  # what each trial asks Ray for
     per_gpu: int  # trials sharing one GPU; 0 for whole GPUs, or when GPU memory is unknown
     tasks: tuple[str, ...] = ()
+    mixes: tuple[str, ...] = ()  # the objective mixes of its trials, `att_kl+kd`
 
     @property
     def label(self) -> str:
@@ -393,6 +349,11 @@ class TrialFit:
             how += "; then logit cache"
         return f"teacher {self.teacher.layers}x{self.teacher.hidden} ({how})"
 
+    def as_json(self) -> dict[str, Any]:
+        return {"trials": self.label, "tasks": list(self.tasks), "mixes": list(self.mixes),
+                "gib_per_trial": self.need.total / GIB, "gpu_per_trial": self.gpu or None,
+                "trials_per_gpu": self.per_gpu or None}
+
 
 @dataclass
 class GpuPacking:
@@ -403,13 +364,14 @@ class GpuPacking:
     template: Any  # TrialTemplate
     gpu_memory_gib: float | None
     fits: dict[tuple, TrialFit] = field(default_factory=dict)
+    known: dict[str, Architecture] = field(default_factory=dict)  # students no file describes yet (shapes_of)
 
     def fit(self, cfg: RunConfig | PretrainConfig) -> TrialFit:
         """The trial's fit; GpuTooSmall when one GPU cannot hold it."""
         from orchestrator.teachers import teacher_source
 
         source = teacher_source(self.spec, cfg) if cfg.teacher is not None else None
-        student, teacher = shapes_of(cfg, source)
+        student, teacher = shapes_of(cfg, source, self.known)
         work = workload_of(cfg)
         key = (student, teacher, work)
         if key not in self.fits:
@@ -421,8 +383,11 @@ class GpuPacking:
                 per_gpu = 0 if work.processes > 1 else trials_per_gpu(need.total, gpu_bytes, most)
             self.fits[key] = TrialFit(student, teacher, work, need, gpu, per_gpu)
         fit = self.fits[key]
-        if cfg.task_name not in fit.tasks:
-            fit = self.fits[key] = replace(fit, tasks=(*fit.tasks, cfg.task_name))
+        mix = "+".join(o.name for o in cfg.objectives)
+        tasks = tuple(dict.fromkeys((*fit.tasks, cfg.task_name)))
+        mixes = tuple(dict.fromkeys((*fit.mixes, mix) if mix else fit.mixes))
+        if (tasks, mixes) != (fit.tasks, fit.mixes):
+            fit = self.fits[key] = replace(fit, tasks=tasks, mixes=mixes)
         return fit
 
     def check(self, configs: Iterable[RunConfig | PretrainConfig]) -> list[TrialFit]:
@@ -454,9 +419,9 @@ def plan_rows(fits: Iterable[TrialFit], nodes: list[NodeGpus] | None, cpu: float
     for fit in fits:
         per_node = [f"{node.name}: {trials_at_once(fit, node, cpu)}" for node in nodes or [] if node.gpus > 0 and fit.gpu]
         rows.append({
-            "trials": fit.label, "tasks": ", ".join(fit.tasks), "GiB per trial": f"{fit.need.total / GIB:.1f}",
-            "GPU per trial": "unknown GPU memory" if not fit.gpu else f"{fit.gpu:g}",
-            "trials per GPU": str(fit.per_gpu) if fit.per_gpu else ("-" if fit.gpu else "?"),
+            "trials": fit.label, "of": "; ".join(", ".join(names) for names in (fit.tasks, fit.mixes) if names),
+            "GiB per trial": f"{fit.need.total / GIB:.1f}",
+            "share": f"GPU {fit.gpu:g}, {fit.per_gpu} per GPU" if fit.per_gpu else f"{fit.gpu:g} GPUs, one per process",
             "trials per node": "; ".join(per_node) or "-",
         })
     return rows
@@ -469,7 +434,8 @@ def trials_at_once(fit: TrialFit, node: NodeGpus, cpu: float) -> int:
 
 
 def plan_lines(fits: Iterable[TrialFit], nodes: list[NodeGpus] | None, cpu: float, memory_gib: float | None) -> list[str]:
-    """The plan as printed lines (the sweep's start and `--dry-run`)."""
+    """The plan as printed lines (the sweep's start and `--dry-run`): shares where the GPU's memory is
+    known, trials at once where the cluster's nodes are."""
     if memory_gib is None:
         head = ("GPU memory unknown: give --gpu-memory-gb (resources.gpu_memory_gb) for trials per GPU"
                 if nodes is None else "no GPU in the Ray cluster: trials run on CPUs")
@@ -477,8 +443,9 @@ def plan_lines(fits: Iterable[TrialFit], nodes: list[NodeGpus] | None, cpu: floa
         head = f"one GPU holds {memory_gib:g} GiB; 20% margin and 0.5 GiB CUDA context per trial included"
     lines = [f"resources.gpu auto: {head}"]
     for row in plan_rows(fits, nodes, cpu):
-        lines.append(f"  {row['trials']} [{row['tasks']}]: {row['GiB per trial']} GiB, GPU {row['GPU per trial']}, "
-                     f"{row['trials per GPU']} per GPU; at once: {row['trials per node']}")
+        share = f", {row['share']}" if memory_gib is not None else ""
+        at_once = f"; at once: {row['trials per node']}" if nodes is not None else ""
+        lines.append(f"  {row['trials']} [{row['of']}]: {row['GiB per trial']} GiB{share}{at_once}")
     return lines
 
 
@@ -490,11 +457,14 @@ def teacher_task_gpus(resources: Any) -> int:
     return int(any(node.gpus > 0 for node in cluster_nodes()))
 
 
-def representative_configs(spec: Any, template: Any) -> list[RunConfig | PretrainConfig]:
+def representative_configs(spec: Any, template: Any = None) -> list[RunConfig | PretrainConfig]:
     """The configs `validate` checked (every grid/choice value, both bounds of every range), resolved
-    as trials get them; draws that are no valid config are left to fail in their trials."""
+    as trials get them (by `template`, else the spec's own); draws that are no valid config are left
+    to fail in their trials."""
     from orchestrator.preflight import representative_assignments
+    from orchestrator.trials import TrialTemplate
 
+    template = template or TrialTemplate(spec.base, spec.per_task, kind=spec.run)
     configs = []
     for assignment in representative_assignments(spec):
         try:
@@ -504,17 +474,43 @@ def representative_configs(spec: Any, template: Any) -> list[RunConfig | Pretrai
     return configs
 
 
-def dry_run_plan(spec: Any, configs: list[RunConfig | PretrainConfig], nodes: list[NodeGpus] | None = None) -> list[str]:
-    """`--dry-run`'s lines for gpu auto: each trial shape's need and share, trials per GPU, and per
-    node when `nodes` (cluster_nodes() of a cluster joined with --address) are given. Models in
-    MLflow (a study's stage-1 students) are read when their stage starts, not here. GpuTooSmall
-    and unreadable shapes are raised."""
-    from trainables.config import PretrainedInit
+@dataclass(frozen=True)
+class DryRunPlan:
+    """What `--dry-run` shows of gpu auto: each trial shape's need and share, and trials per GPU."""
+
+    memory_gib: float | None  # one GPU's; None: not given, so no shares
+    cpu: float
+    fits: tuple[TrialFit, ...] = ()
+    note: str | None = None  # why no shape is planned
+
+    def lines(self) -> list[str]:
+        if self.note is not None:
+            return [f"resources.gpu auto: {self.note}"]
+        return plan_lines(self.fits, None, self.cpu, self.memory_gib)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"gpu_memory_gib": self.memory_gib, "note": self.note, "trials": [fit.as_json() for fit in self.fits]}
+
+
+def dry_run_plan(spec: Any, configs: list[RunConfig | PretrainConfig],
+                 known: dict[str, Architecture] | None = None) -> DryRunPlan:
+    """The plan of a sweep with gpu auto, on GPUs of `resources.gpu_memory_gb` (--gpu-memory-gb).
+    Students in MLflow are read when their stage starts, unless `known` has their shape (a study's
+    stage-1 students). GpuTooSmall and unreadable shapes are raised."""
+    known = known or {}
+    memory, cpu = spec.resources.gpu_memory_gb, spec.resources.cpu
+    if students_in_mlflow(configs, known):
+        return DryRunPlan(memory, cpu,
+                          note="the students are models in MLflow, whose shapes are read when the stage starts")
+    return DryRunPlan(memory, cpu, tuple(GpuPacking(spec, None, memory, known=known).check(configs)))
+
+
+def students_in_mlflow(configs: list[RunConfig | PretrainConfig], known: dict[str, Architecture]) -> bool:
+    """Whether a trial fine-tunes a student from MLflow whose shape is not `known` (trainables.models,
+    and the transformers it brings, imported only where some student is pretrained)."""
+    pretrained = {cfg.student.init.pretrained for cfg in configs if isinstance(cfg.student.init, PretrainedInit)}
+    if not pretrained - known.keys():
+        return False
     from trainables.models import MLFLOW_URI_PREFIXES
 
-    memory = gpu_memory_gib(nodes, spec.resources.gpu_memory_gb)
-    if any(isinstance(cfg.student.init, PretrainedInit) and cfg.student.init.pretrained.startswith(MLFLOW_URI_PREFIXES)
-           for cfg in configs):
-        return ["resources.gpu auto: the students are models in MLflow, whose shapes are read when the stage starts"]
-    fits = GpuPacking(spec, None, memory).check(configs)
-    return plan_lines(fits, nodes, spec.resources.cpu, memory)
+    return any(source.startswith(MLFLOW_URI_PREFIXES) for source in pretrained - known.keys())

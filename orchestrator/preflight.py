@@ -20,7 +20,6 @@ from orchestrator.spaces import MIX_KEY, Distribution, objective_of
 from orchestrator.teachers import teacher_shape, teacher_source
 from orchestrator.trials import TrialTemplate
 from trainables.config import LocalTask, ObjectiveSpec, RunConfig, check_against_teacher
-from trainables.data import load_raw_splits
 from trainables.tasks import resolve_task, selection_metric
 
 MAX_CHECKED_COMBINATIONS = 20_000
@@ -188,6 +187,8 @@ def checked_local_task(task: LocalTask) -> Any:
     """Both files read as a trial will read them: present, readable, text and label columns there,
     labels usable as class ids (or floats for regression). Once per task, however many trials."""
     spec = resolve_task(task)
+    from trainables.data import load_raw_splits  # evaluate, sklearn, scipy: only for local tasks
+
     load_raw_splits(spec)
     return spec
 

@@ -9,17 +9,16 @@ whole request).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-from transformers import AutoConfig
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import SweepSpec
 from orchestrator.gpu_memory import teacher_task_gpus
-from orchestrator.messages import first_line
-from trainables.config import RunConfig, TrainingConfig, task_name_of
+from orchestrator.model_shapes import UnknownShape, read_architecture
+from trainables.config import RunConfig, TrainingConfig
 from trainables.demo import demo_teacher_base
-from trainables.models import resolve_model_source
-from trainables.teacher import TeacherRequest, finetune_teacher
+
+if TYPE_CHECKING:
+    from trainables.teacher import TeacherRequest
 
 DEMO_TEACHER = "demo"
 DEMO_TEACHER_TRAINING = TrainingConfig(
@@ -32,17 +31,10 @@ DEMO_TEACHER_TRAINING = TrainingConfig(
     seed=0,
 )
 
-# (layers, heads, width) of the hub teachers the study uses, for checking spaces where the hub is out of reach.
-KNOWN_TEACHERS = {
-    "roberta-base": (12, 12, 768), "FacebookAI/roberta-base": (12, 12, 768),
-    "roberta-large": (24, 16, 1024), "FacebookAI/roberta-large": (24, 16, 1024),
-    "bert-base-uncased": (12, 12, 768), "google-bert/bert-base-uncased": (12, 12, 768),
-    "bert-large-uncased": (24, 16, 1024), "google-bert/bert-large-uncased": (24, 16, 1024),
-}
-
-
 def demo_teacher(on_step: Any = None) -> Path:
     """The MiniLM-L6 teacher fine-tuned on the demo task (trained once, then reused)."""
+    from trainables.teacher import TeacherRequest, finetune_teacher
+
     request = TeacherRequest(base_model=str(demo_teacher_base()), task="demo", training=DEMO_TEACHER_TRAINING)
     path, reused = finetune_teacher(request, on_step=on_step or quarterly("fine-tuning the demo teacher"))
     print(f"[distillsweep] demo teacher {'reused' if reused else 'fine-tuned'}: {path}")
@@ -81,28 +73,31 @@ def teacher_source(spec: SweepSpec, cfg: RunConfig) -> str:
 
 
 def teacher_shape(source: str) -> tuple[int, int, int]:
-    """(layers, heads, width) of a teacher from its config alone, without loading weights."""
+    """(layers, heads, width) of a teacher, without loading weights (orchestrator.model_shapes)."""
     try:
-        config = AutoConfig.from_pretrained(resolve_model_source(source))
-    except OSError as err:
-        if source in KNOWN_TEACHERS:
-            return KNOWN_TEACHERS[source]
-        raise ValueError(f"teacher {source!r}: cannot read its config ({first_line(err)})") from None
-    return config.num_hidden_layers, config.num_attention_heads, config.hidden_size
+        shape = read_architecture(source)
+    except UnknownShape as err:
+        raise ValueError(f"teacher {source!r}: {err.reason}") from None
+    return shape.layers, shape.heads, shape.hidden
 
 
-def teacher_requests(spec: SweepSpec, configs: list[RunConfig]) -> dict[str, TeacherRequest]:
-    """task name -> TeacherRequest with that task's recipe, for each task without a given teacher."""
+def teacher_tasks(spec: SweepSpec, configs: list[RunConfig]) -> dict[str, Any]:
+    """task name -> task, for each task of the trials that fine-tunes its own teacher (`teacher_finetune`
+    set, no `teachers` entry)."""
     if spec.teacher_finetune is None:
         return {}
     tasks: dict[str, Any] = {}
     for cfg in configs:
         tasks.setdefault(cfg.task_name, cfg.task)
+    return {name: task for name, task in tasks.items() if name not in spec.teachers}
+
+
+def teacher_requests(spec: SweepSpec, configs: list[RunConfig]) -> dict[str, TeacherRequest]:
+    """task name -> TeacherRequest with that task's recipe, for each task without a given teacher."""
+    from trainables.teacher import TeacherRequest
+
     requests = {}
-    for task in tasks.values():
-        name = task_name_of(task)
-        if name in spec.teachers:
-            continue
+    for name, task in teacher_tasks(spec, configs).items():
         recipe = spec.teacher_finetune.for_task(name)
         fields: dict[str, Any] = {"base_model": recipe.base_model, "task": task, "training": recipe.training}
         if recipe.output_root is not None:
@@ -134,5 +129,7 @@ def prepare_teachers(spec: SweepSpec, configs: list[RunConfig]) -> dict[str, str
 
 
 def finetune_teacher_task(request: TeacherRequest) -> tuple[str, bool]:
+    from trainables.teacher import finetune_teacher
+
     path, reused = finetune_teacher(request)
     return str(path), reused

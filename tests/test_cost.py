@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +21,12 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.config import SweepSpec
-from orchestrator.cost import (
-    CLASSIFIER,
-    MLM,
-    TOKENS_PER_WORD,
-    MeasuredLengths,
-    Shape,
-    asha_milestones,
-    estimate_sweep,
-    padded_length,
-    shape_of,
-    trial_configs,
-)
+from orchestrator.cost import estimate_sweep
+from orchestrator.cost_flops import CLASSIFIER, MLM, Shape, shape_of
+from orchestrator.cost_lengths import TOKENS_PER_WORD, MeasuredLengths, padded_length
+from orchestrator.cost_stopping import asha_milestones
 from orchestrator.device_profiles import load_profile, shipped_profiles
+from orchestrator.gpu_memory import representative_configs
 from sweep_helpers import distillsweep
 
 runner = CliRunner()
@@ -100,7 +94,7 @@ def space(teacher: str, folder: Path, **fields: object) -> dict:
 
 def estimate(spec: dict, profile: str | None = None, devices: float | None = None):
     sweep = SweepSpec.model_validate(spec)
-    return estimate_sweep(sweep, trial_configs(sweep), load_profile(profile, False), devices)
+    return estimate_sweep(sweep, representative_configs(sweep), load_profile(profile, False), devices)
 
 
 def write(path: Path, data: dict) -> Path:
@@ -372,6 +366,20 @@ def test_study_counts_stage_two_once_per_stage_one_student_of_stage_ones_shape(m
     assert finetune["no_stopping"]["student_flops"] == 4 * 3 * written_out(12, length, 1)
     assert finetune["no_stopping"]["eval_flops"] == 4 * 2 * written_out(4, length, 1)
     assert cost["total"]["no_stopping"]["flops"] == distill["no_stopping"]["flops"] + finetune["no_stopping"]["flops"]
+
+
+def test_study_dry_run_names_every_method_of_the_distill_stage_and_plans_both_stages():
+    """The task-agnostic preset's eleven methods (more than a bounded repr lists) each by name in the
+    distill stage's space table; stage 2's students take stage 1's shape in its GPU plan."""
+    preset = ROOT / "search_spaces" / "paper_task_agnostic.yaml"
+    mixes = yaml.safe_load(preset.read_text())["distill"]["space"]["objectives.mix"]["grid"]
+    result = runner.invoke(app, ["study", str(preset), "--dry-run", "--gpu-memory-gb", "80"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    out = result.output
+    table = out[out.index("objectives.mix"):out.index("stage distill: resources.gpu auto: one GPU holds 80 GiB")]
+    assert len(mixes) == 11 and {"+".join(mix) for mix in mixes} <= set(re.findall(r"[\w+]+", table))
+    assert "stage finetune: resources.gpu auto: one GPU holds 80 GiB" in out
+    assert "student 6x768, no teacher" in out  # the stage-1 student, fine-tuned
 
 
 def test_estimate_options_without_dry_run_are_refused(teacher, tmp_path):

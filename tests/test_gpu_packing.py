@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from transformers import (
     BertConfig,
     BertForMaskedLM,
@@ -26,8 +27,10 @@ from transformers import (
     RobertaConfig,
     RobertaForSequenceClassification,
 )
+from typer.testing import CliRunner
 
-from orchestrator.config import Resources, SweepSpec
+from orchestrator.cli import app, study_with_gpu_memory, sweep_with_gpu_memory
+from orchestrator.config import Resources, SweepSpec, load_sweep_spec
 from orchestrator.gpu_memory import (
     CUDA_CONTEXT_BYTES,
     GIB,
@@ -49,8 +52,10 @@ from orchestrator.gpu_memory import (
     workload_of,
 )
 from orchestrator.messages import UserError, describe_error
+from orchestrator.study import StudySpec
 from orchestrator.trials import TrialTemplate
 from services import kill_group
+from sweep_helpers import distillsweep
 
 TRIALS, FAKE_GPUS, FAKE_CPUS = 16, 4, 16
 TINY_ROBERTA = RobertaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -278,6 +283,83 @@ def test_the_plan_gives_trials_per_gpu_and_per_node_bounded_by_cpus(auto_spec: S
     assert head.startswith("resources.gpu auto: one GPU holds 4 GiB")
     assert f"{fit.per_gpu} per GPU" in row and fit.per_gpu > 3
     assert "at once: gpu-node: 6" in row and "cpu-node" not in row  # 2 GPUs hold more, its 6 CPUs run 6
+
+
+# --- --gpu-memory-gb and the dry run's plan ---------------------------------------------------------
+
+
+def auto_space(folder: Path, teacher: str, gpu: Any = "auto") -> dict[str, Any]:
+    """Two batch sizes of a 2-layer student on a local task; trials size their GPU share by memory."""
+    (folder / "train.csv").write_text("text,label\n" + "".join(f"w w w,{i % 2}\n" for i in range(8)))
+    (folder / "validation.csv").write_text("text,label\nw w,0\nw,1\n")
+    task = {"name": "local", "train_file": str(folder / "train.csv"), "validation_file": str(folder / "validation.csv")}
+    return {"name": "packing", "storage": str(folder / "sweeps"),
+            "base": {"task": task, "teacher": teacher, "student": {"num_layers": 2},
+                     "objectives": [{"name": "kd"}, {"name": "hidden_mse"}], "training": {"max_seq_length": 64}},
+            "space": {"training.per_device_train_batch_size": {"grid": [8, 256]}},
+            "resources": {"cpu": 1, "gpu": gpu, "max_trials_per_gpu": 1000}}
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_gpu_memory_option_becomes_the_sweeps_gpu_memory_and_needs_gpu_auto(tmp_path: Path, teacher_dir: str) -> None:
+    spec = load_sweep_spec(write_yaml(tmp_path / "space.yaml", auto_space(tmp_path, teacher_dir)))
+    assert spec.resources.gpu_memory_gb is None
+    assert sweep_with_gpu_memory(spec, 80.0).resources.gpu_memory_gb == 80.0
+    whole = load_sweep_spec(write_yaml(tmp_path / "whole.yaml", auto_space(tmp_path, teacher_dir, gpu=1)))
+    with pytest.raises(UserError) as refused:
+        sweep_with_gpu_memory(whole, 80.0)
+    assert "only resources.gpu: auto does; sweep packing asks for gpu 1" in str(refused.value)
+
+
+def test_gpu_memory_option_reaches_only_the_study_stages_that_use_gpu_auto() -> None:
+    def study(distill_gpu: Any, finetune_gpu: Any) -> StudySpec:
+        return StudySpec.model_validate({"name": "s", "distill": {"base": {}, "resources": {"gpu": distill_gpu}},
+                                         "finetune": {"base": {}, "resources": {"gpu": finetune_gpu}}})
+
+    given = study_with_gpu_memory(study("auto", 1), 80.0)
+    assert (given.distill.resources.gpu_memory_gb, given.finetune.resources.gpu_memory_gb) == (80.0, None)
+    assert given.stage("distill").resources.gpu_memory_gb == 80.0
+    with pytest.raises(UserError) as refused:
+        study_with_gpu_memory(study(1, 0.5), 80.0)
+    assert "neither stage of study s uses it (distill.resources.gpu 1, finetune.resources.gpu 0.5)" in str(
+        refused.value)
+
+
+def test_dry_run_prints_the_gpu_plan_after_the_space_table_for_the_memory_given(tmp_path: Path,
+                                                                               teacher_dir: str) -> None:
+    """A real CLI process; the shares it prints are the ones GpuPacking gives each trial on an 80 GiB GPU."""
+    space = auto_space(tmp_path, teacher_dir)
+    path = write_yaml(tmp_path / "space.yaml", space)
+    done = distillsweep(["sweep", str(path), "--dry-run", "--gpu-memory-gb", "80"], tmp_path / "cache", tmp_path,
+                        timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    spec = load_sweep_spec(path).model_copy(update={"resources": Resources(cpu=1, gpu="auto", gpu_memory_gb=80,
+                                                                           max_trials_per_gpu=1000)})
+    template = TrialTemplate(spec.base)
+    fits = GpuPacking(spec, template, 80.0).check(template.resolve({"training.per_device_train_batch_size": b})
+                                                   for b in (8, 256))
+    assert len({fit.per_gpu for fit in fits}) == 2  # the two batch sizes share a GPU differently
+    for fit in fits:
+        assert f"batch {fit.work.batch} x 64 tokens" in out and f"GPU {fit.gpu:g}, {fit.per_gpu} per GPU" in out
+    assert out.index("space entry") < out.index("resources.gpu auto: one GPU holds 80 GiB") < out.index("cost of sweep")
+
+
+def test_dry_run_json_holds_the_gpu_plan_and_nothing_else_on_stdout(tmp_path: Path, teacher_dir: str) -> None:
+    path = write_yaml(tmp_path / "space.yaml", auto_space(tmp_path, teacher_dir))
+    result = CliRunner().invoke(app, ["sweep", str(path), "--dry-run", "--json", "--gpu-memory-gb", "80"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)["gpu_plan"]
+    assert plan["gpu_memory_gib"] == 80 and plan["note"] is None
+    shares = sorted((row["gpu_per_trial"], row["trials_per_gpu"]) for row in plan["trials"])
+    assert len(shares) == 2 and all(math.isclose(gpu, math.floor(1e4 / k) / 1e4) for gpu, k in shares)
+    whole = write_yaml(tmp_path / "whole.yaml", auto_space(tmp_path, teacher_dir, gpu=1))
+    result = CliRunner().invoke(app, ["sweep", str(whole), "--dry-run", "--json"])
+    assert json.loads(result.stdout)["gpu_plan"] is None  # trials ask for a fixed share: no plan
 
 
 # --- Ray places what the plan says ---------------------------------------------------------------

@@ -3,6 +3,8 @@
 Everything a trial receives passes through here, so every mistake a user can make in a file or a
 search space is caught with the field named. Checks that need the teacher's architecture (layer
 indices, head counts) live in `check_against_teacher`, which callers run before training starts.
+The objective registry (trainables.objectives, which brings PyTorch) is imported by the checks that
+read it, so that importing this module (`distillsweep --help`, `status`) costs no PyTorch.
 """
 
 from __future__ import annotations
@@ -14,12 +16,9 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from trainables.objectives import REGISTRY, Reads, Stage
-
 InitPreset = Literal["random", "lower", "upper", "skip"]
 MetricName = Literal["accuracy", "f1", "matthews_correlation", "pearson", "spearmanr"]
 MappingPreset = Literal["skip", "last", "combine"]
-TASK_READS = frozenset({Reads.LOGITS, Reads.LABELS})  # what unlabelled pre-training text cannot give an objective
 
 
 class StrictModel(BaseModel):
@@ -125,12 +124,16 @@ class ObjectiveSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
+        from trainables.objectives import REGISTRY
+
         if name not in REGISTRY:
             raise ValueError(f"unknown objective {name!r}; known: {', '.join(sorted(REGISTRY))}")
         return name
 
     @model_validator(mode="after")
     def _params_valid(self) -> ObjectiveSpec:
+        from trainables.objectives import REGISTRY
+
         REGISTRY[self.name].parse_params(self.params)
         return self
 
@@ -336,6 +339,8 @@ class RunConfig(RunSettings):
 
     @model_validator(mode="after")
     def _coherent(self) -> RunConfig:
+        from trainables.objectives import REGISTRY, Stage
+
         names = [o.name for o in self.objectives]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -379,6 +384,8 @@ class RunConfig(RunSettings):
 
     @property
     def two_stage(self) -> bool:
+        from trainables.objectives import REGISTRY, Stage
+
         if self.stages == "auto":
             return any(REGISTRY[o.name].stage is Stage.INTERMEDIATE for o in self.objectives)
         return self.stages == "two_stage"
@@ -427,9 +434,12 @@ class PretrainConfig(RunSettings):
 
     @model_validator(mode="after")
     def _label_free(self) -> PretrainConfig:
+        from trainables.objectives import REGISTRY, Reads
+
+        task_reads = {Reads.LOGITS, Reads.LABELS}  # what unlabelled pre-training text cannot give an objective
         for index, spec in enumerate(self.objectives):
-            if REGISTRY[spec.name].reads & TASK_READS:
-                free = sorted(n for n, o in REGISTRY.items() if not o.reads & TASK_READS)
+            if REGISTRY[spec.name].reads & task_reads:
+                free = sorted(n for n, o in REGISTRY.items() if not o.reads & task_reads)
                 raise ValueError(
                     f"objectives.{index}.name {spec.name!r} needs gold labels or a task head, which pre-training "
                     f"text has not; label-free objectives: {', '.join(free)}"
@@ -476,6 +486,8 @@ def check_against_teacher(
 
     A width of 0 means not known yet (a teacher from an MLflow URI): its checks wait for the run.
     """
+    from trainables.objectives import REGISTRY
+
     last = teacher_layers - 1
     init = cfg.student.init
     if cfg.student.num_layers > teacher_layers and not isinstance(init, PretrainedInit) and init != "random":

@@ -8,16 +8,17 @@ The teacher is not a submodule: it is never optimised, saved with the student, o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import PreTrainedModel
 
-from trainables.models import forward_view
 from trainables.objectives import REGISTRY, ModuleContext, Objective, Reads, Stage
 from trainables.views import DistillBatch, LayerPairs, ModelView
+
+if TYPE_CHECKING:  # the dry run imports this module for stage planning, not transformers' model code
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,8 @@ class Distiller(nn.Module):
         self, batch: dict[str, Tensor], teacher_view: ModelView | None, stage: StagePlan
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss and each term's unweighted value (for reporting)."""
+        from trainables.models import forward_view
+
         student_view = forward_view(self.student, batch, need_qkv=stage.needs_qkv)
         labels = batch.get("labels")
         values: dict[str, Tensor] = {}
