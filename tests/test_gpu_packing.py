@@ -57,7 +57,7 @@ from orchestrator.trials import TrialTemplate
 from services import kill_group
 from sweep_helpers import distillsweep
 
-TRIALS, FAKE_GPUS, FAKE_CPUS = 16, 4, 16
+TRIALS, FAKE_GPUS, FAKE_CPUS = 8, 2, 8  # 8 trial processes: enough to fill 2 GPUs 4 each
 TINY_ROBERTA = RobertaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                              intermediate_size=64, max_position_embeddings=70, num_labels=3, pad_token_id=1)
 TINY_TEACHER = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
@@ -367,7 +367,7 @@ def test_dry_run_json_holds_the_gpu_plan_and_nothing_else_on_stdout(tmp_path: Pa
 
 @pytest.mark.slow
 def test_ray_places_as_many_trials_per_fake_gpu_as_the_plan_says(tmp_path: Path) -> None:
-    """gpu auto with one GPU worth 4.5 trials: each asks for 0.25, and 16 trials run at once on 4
+    """gpu auto with one GPU worth 4.5 trials: each asks for 0.25, and 8 trials run at once on 2
     fake GPUs (a barrier they all must reach), 4 to each GPU id, CUDA_VISIBLE_DEVICES set to it."""
     BertForSequenceClassification(TINY_TEACHER).save_pretrained(tmp_path / "teacher")
     ray_dir = tempfile.mkdtemp(prefix="dsgpu", dir="/tmp")  # Ray's socket paths must stay short
@@ -379,7 +379,7 @@ def test_ray_places_as_many_trials_per_fake_gpu_as_the_plan_says(tmp_path: Path)
         kill_group(driver)
         shutil.rmtree(ray_dir, ignore_errors=True)
     assert driver.returncode == 0, output[-4000:]
-    assert "4 per GPU; at once: " in output and ": 16" in output, output[-4000:]
+    assert "4 per GPU; at once: " in output and f": {TRIALS}" in output, output[-4000:]
     assert "teacher fine-tuning GPUs: 1" in output  # a teacher fine-tunes on a whole GPU where there are GPUs
     records = [json.loads(p.read_text()) for p in sorted((tmp_path / "placed").glob("*.json"))]
     assert len(records) == TRIALS
