@@ -55,6 +55,8 @@ def extra_args(parser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CPU, 30 on GPU; 3 at smallest)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on CPU, 10 on GPU)")
     parser.add_argument("--batch-size", type=int, default=None, help="per_device_train_batch_size (default 32)")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also ours_compiled: ours with training.compile true (compilation inside the timed steps)")
     common.add_teacher_args(parser)
 
 
@@ -121,15 +123,20 @@ class Setup:
 # --- ours ---------------------------------------------------------------------------------------
 
 
-def ours_examples_per_second(setup: Setup, out: Path, precision: str) -> float:
+def ours_examples_per_second(setup: Setup, out: Path, precision: str, compile: bool = False,
+                             stamps: dict[int, float] | None = None) -> float:
+    """`compile`: the compiled variant (`training.compile: true`, batches padded to length buckets).
+    `stamps`, where given, receives the time after every step from the warm-up's last on, for
+    per-step figures (bench.gpu_speed)."""
     from trainables.run import distill
 
-    training = setup.cfg.training.model_copy(update={"mixed_precision": precision})
+    training = setup.cfg.training.model_copy(update={"mixed_precision": precision, "compile": compile})
     cfg = setup.cfg.model_copy(update={"output_dir": out, "training": training})
-    stamps: dict[int, float] = {}
+    every = stamps is not None
+    stamps = {} if stamps is None else stamps
 
     def on_step(step: int, total: int) -> None:  # called right after each optimiser step
-        if step in (setup.warmup, setup.total_steps):
+        if step in (setup.warmup, setup.total_steps) or (every and step > setup.warmup):
             sync()
             stamps[step] = time.perf_counter()
 
@@ -538,11 +545,13 @@ def main() -> None:
             "torchdistill": lambda r: torchdistill_examples_per_second(setup, fused_adamw=False),
             "torchdistill_fused": lambda r: torchdistill_examples_per_second(setup, fused_adamw=True),
             "plain": lambda r: plain_examples_per_second(setup),
+            "ours_compiled": lambda r: ours_examples_per_second(setup, Path(tmp) / f"ours-compiled-{r}", "auto", True),
         }
-        samples: dict[str, list[float]] = {n: [] for n in RUNS}
+        runs = RUNS + ("ours_compiled",) if args.compiled else RUNS
+        samples: dict[str, list[float]] = {n: [] for n in runs}
         for r in range(repeats):
-            shift = r % len(RUNS)
-            for name in RUNS[shift:] + RUNS[:shift]:  # rotate the order: drift hits each one alike
+            shift = r % len(runs)
+            for name in runs[shift:] + runs[:shift]:  # rotate the order: drift hits each one alike
                 samples[name].append(runners[name](r))
                 common.log(f"round {r}: {name} {samples[name][-1]:.1f} examples/s")
     med = {n: common.median(v) for n, v in samples.items()}
@@ -551,6 +560,7 @@ def main() -> None:
         "ours_fp32_vs_torchdistill": med["ours_fp32"] / med["torchdistill"],
         "ours_fp32_vs_torchdistill_fused": med["ours_fp32"] / med["torchdistill_fused"],
         "ours_fp32_vs_plain": med["ours_fp32"] / med["plain"],
+        **({"ours_compiled_vs_ours": med["ours_compiled"] / med["ours"]} if args.compiled else {}),
     }
     figures = {
         "figure": "examples per second of training, same maths, same batches",
