@@ -45,7 +45,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # a traceback must not print the locals: configs, URIs, tokens
 )
 # Messages quote paths, names and trial errors: Rich reads no markup or emoji codes in them.
-console = Console(stderr=True, markup=False, emoji=False)
+console = Console(stderr=True, markup=False, emoji=False, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 SetOption = Annotated[
