@@ -351,8 +351,8 @@ def ranking(init: str, configurations: list[str], cells: dict[CellKey, Cell], mi
     attention = next((r for r in ranked if r.family == "attention"), None)
     other = next((r for r in ranked if r.family in ("kd", "hidden")), None)
     if attention is None or other is None:
-        lacking_side = "an attention objective" if attention is None else "vanilla KD or hidden-state transfer"
-        return Ranking(init, tuple(ranked), unranked, None, None, None, None, f"not checked: no ranked {lacking_side}")
+        lacking_side = "attention objective" if attention is None else "vanilla KD or hidden-state transfer"
+        return Ranking(init, tuple(ranked), unranked, None, None, None, None, f"not checked: the sweep ranks no {lacking_side}")
     ev = evidence([cells[(t, r.configuration, init)] for r in (attention, other) for t in tasks])
     difference = attention.average - other.average
     return Ranking(init, tuple(ranked), unranked, attention.configuration, other.configuration, difference, ev,

@@ -528,8 +528,8 @@ def test_sbatch_dry_run_starts_ray_validates_the_sweep_and_stops():
         assert done.returncode == 0, out[-4000:]
         assert "Ray runtime started" in out
         assert "Ray head started (1/1 nodes active at 127.0.0.1:" in out
-        assert "sweep quickstart: 6 trials" in out
-        assert "6 trial configs checked" in out
+        assert "sweep quickstart: 8 trials" in out
+        assert "8 trial configs checked" in out
         assert "Ray stopped" in out
         assert not Path(temp_dir).exists(), "the dry run leaves its Ray temp folder behind"
         assert wait_until_gone(temp_dir) == []

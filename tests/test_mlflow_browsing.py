@@ -110,7 +110,8 @@ def test_report_folder_holds_the_heatmap_the_learning_curves_and_one_html_page(f
 
     page = (report / "report.html").read_text()
     assert '<img src="heatmap-demo.svg"' in page and '<img src="curves-demo.svg"' in page
-    assert page.count("<table") == 1
+    study, claims = page.split("Claims of the paper, checked on this sweep")
+    assert study.count("<table") == 1 and "<table" in claims, "one study table per task, then the claims"
 
     parent, _ = sweep_runs(f"sqlite:///{finished_sweep / 'mlflow.db'}", "tests")
     logged = {a.path for a in MlflowClient(f"sqlite:///{finished_sweep / 'mlflow.db'}").list_artifacts(
