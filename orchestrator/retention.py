@@ -192,12 +192,27 @@ def same_path(a: str, b: str) -> bool:
     return a.rstrip("/") == b.rstrip("/")
 
 
+def checkpoint_index(path: str) -> int | None:
+    """The number in a `checkpoint_000004` folder's name; None for any other name."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    digits = name.removeprefix(CHECKPOINT_PREFIX)
+    return int(digits) if name.startswith(CHECKPOINT_PREFIX) and digits.isdigit() else None
+
+
 def prune_unnamed(trial: Any, named: set[str]) -> bool:
-    """Delete the trial's checkpoints that are not in `named`; True if only its latest is left."""
+    """Delete the trial's checkpoints older than its latest and not in `named`; True if only its latest is left.
+
+    A folder newer than the trial's registered checkpoint is one the trial has written to storage
+    and reported, but whose result the driver has not processed yet: it is about to become the
+    trial's checkpoint, and deleting it would lose it (a completed trial's final student with it).
+    """
+    registered = checkpoint_index(trial.checkpoint.path) if trial.checkpoint is not None else None
     fs = trial.storage.storage_filesystem
     left = 0
     for entry in checkpoint_folders(trial):
-        if any(same_path(entry.path, path) for path in named):
+        index = checkpoint_index(entry.path)
+        unregistered = registered is None or index is None or index > registered
+        if unregistered or any(same_path(entry.path, path) for path in named):
             left += 1
         else:
             fs.delete_dir(entry.path)
