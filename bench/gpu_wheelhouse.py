@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,17 +124,11 @@ def unmet_requirements(packages: Iterable[Package], image: Iterable[str] = IMAGE
     held = {canonical(p.name): p.version for p in packages}
     image = {canonical(n) for n in image}
     problems = []
-    for package in packages:
-        if canonical(package.name) in UNCHECKED_REQUIREMENTS:
-            continue
-        for line in package.requires:
-            requirement = applicable(line, package.extras)
-            if requirement is None:
-                continue
-            name = canonical(requirement.name)
-            problem = unmet(requirement, held.get(name), name in image, image_versions.get(name), check_versions)
-            if problem:
-                problems.append(f"{package.name} {package.version} needs {requirement}: {problem}")
+    for package, requirement in checked_requirements(packages):
+        name = canonical(requirement.name)
+        problem = unmet(requirement, held.get(name), name in image, image_versions.get(name), check_versions)
+        if problem:
+            problems.append(f"{package.name} {package.version} needs {requirement}: {problem}")
     return problems
 
 
@@ -144,15 +138,20 @@ def unverified_requirements(packages: Iterable[Package], image: Iterable[str] = 
     packages = list(packages)
     image_versions = IMAGE_VERSIONS if image_versions is None else image_versions
     unread = {canonical(n) for n in image} - set(image_versions) - {canonical(p.name) for p in packages}
-    found = []
+    return [f"{package.name} {package.version} needs {requirement}"
+            for package, requirement in checked_requirements(packages)
+            if requirement.specifier and canonical(requirement.name) in unread]
+
+
+def checked_requirements(packages: Iterable[Package]) -> Iterator[tuple[Package, Requirement]]:
+    """Each package's requirements that apply to its extras, but for the packages left unchecked."""
     for package in packages:
         if canonical(package.name) in UNCHECKED_REQUIREMENTS:
             continue
         for line in package.requires:
             requirement = applicable(line, package.extras)
-            if requirement is not None and requirement.specifier and canonical(requirement.name) in unread:
-                found.append(f"{package.name} {package.version} needs {requirement}")
-    return found
+            if requirement is not None:
+                yield package, requirement
 
 
 def environment_unmet(requirements: Path = REQUIREMENTS) -> list[str]:
