@@ -137,7 +137,7 @@ def timed_window(cfg: Any, warmup: int, steps: int) -> tuple[int, float]:
     from transformers import AutoTokenizer
 
     from trainables.data import load_task_data
-    from trainables.models import resolve_model_source
+    from trainables.model_source import resolve_model_source
     from trainables.tasks import resolve_task
     from trainables.training import epoch_batches
 

@@ -71,7 +71,8 @@ class Setup:
 
         from trainables.data import make_collator
         from trainables.mapping import layer_pairs
-        from trainables.models import build_student, encoder_layers, load_teacher, resolve_model_source
+        from trainables.model_source import resolve_model_source
+        from trainables.models import build_student, encoder_layers, load_teacher
         from trainables.data import load_task_data
         from trainables.tasks import resolve_task
         from trainables.training import epoch_batches

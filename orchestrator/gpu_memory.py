@@ -511,6 +511,6 @@ def students_in_mlflow(configs: list[RunConfig | PretrainConfig], known: dict[st
     pretrained = {cfg.student.init.pretrained for cfg in configs if isinstance(cfg.student.init, PretrainedInit)}
     if not pretrained - known.keys():
         return False
-    from trainables.models import MLFLOW_URI_PREFIXES
+    from trainables.model_source import MLFLOW_URI_PREFIXES
 
     return any(source.startswith(MLFLOW_URI_PREFIXES) for source in pretrained - known.keys())

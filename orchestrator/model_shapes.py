@@ -100,7 +100,7 @@ def read_config(source: str) -> Any:
     """A model's transformers config; from an MLflow URI, config.json alone."""
     from transformers import AutoConfig
 
-    from trainables.models import MLFLOW_URI_PREFIXES, resolve_model_source
+    from trainables.model_source import MLFLOW_URI_PREFIXES, resolve_model_source
 
     if not source.startswith(MLFLOW_URI_PREFIXES):
         return AutoConfig.from_pretrained(resolve_model_source(source))

@@ -25,7 +25,6 @@ from orchestrator import claims as paper_claims
 from orchestrator.claims import Claims, Observation, check_claims
 from orchestrator.experiment_state import read_experiment_state
 from orchestrator.outcome import OUTCOME_FILE, TrialOutcome, trial_outcome
-from orchestrator.plots import heatmaps, learning_curves, optuna_figures, safe_name
 from orchestrator.state import OPTUNA_DB, SweepState
 from orchestrator.tracking import flatten
 from orchestrator.trials import TrialTemplate
@@ -379,6 +378,8 @@ def write_report(records: list[TrialRecord], out_dir: Path, value: str = "best_s
     counted = ["completed", "stopped"] if include_stopped else ["completed"]
     checked = paper_claims.as_json(claims_of(records, value, include_stopped), value, counted)
     (out_dir / "claims.json").write_text(json.dumps(checked, indent=1) + "\n")
+    from orchestrator.plots import heatmaps, learning_curves  # matplotlib: only where a report is drawn
+
     figures = heatmaps(cells(records, value, include_stopped=False), out_dir, value)
     figures += learning_curves(records, row_labels(records), out_dir)
     (out_dir / "report.html").write_text(render_html(records, value, include_stopped, figures, search_figures))
@@ -388,6 +389,8 @@ def write_report(records: list[TrialRecord], out_dir: Path, value: str = "best_s
 def render_html(records: list[TrialRecord], value: str, include_stopped: bool, figures: list[Path],
                 search_figures: tuple[Path, ...] = ()) -> str:
     """Tables and figures on one page, per task; the Markdown report's text around them."""
+    from orchestrator.plots import safe_name
+
     intro, *_ = render_markdown(records, value, include_stopped).split("\n## ", 1)
     title, _, explanation = intro.partition("\n")
     parts = [f"<h1>{html.escape(title.lstrip('# '))}</h1>", f"<p>{html.escape(explanation.strip())}</p>"]
@@ -435,6 +438,8 @@ def study_figures(state: SweepState, out_dir: Path) -> tuple[Path, ...]:
     if not (Path(state.sweep_dir) / OPTUNA_DB).exists():
         return ()
     import optuna
+
+    from orchestrator.plots import optuna_figures
 
     out_dir.mkdir(parents=True, exist_ok=True)
     study = optuna.load_study(study_name=state.sweep_spec.name, storage=state.optuna_url)

@@ -30,7 +30,7 @@ from orchestrator.tracking import (
     registered_source_runs,
 )
 from orchestrator.tune_files import ResultRowsKeeper, StateKeeper
-from trainables.tune_trainable import distillation_trial
+from trainables.trial_entry import distillation_trial
 
 # Non-secret settings trials need wherever they run: offline hub use, caches, endpoints, regions.
 # Ray keeps a runtime environment in its job table (the dashboard's jobs API) and its session

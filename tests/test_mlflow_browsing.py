@@ -23,7 +23,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from services import answers, free_port, wait_for
 from sweep_helpers import cli_env, distillsweep, sweep_runs, tiny_space, write_space
-from trainables.models import resolve_model_source
+from trainables.model_source import resolve_model_source
 
 pytestmark = pytest.mark.slow
 

@@ -284,7 +284,7 @@ FINE_TUNE = """
 import json, os, sys, time
 from pathlib import Path
 from trainables.config import TrainingConfig
-from trainables.models import resolve_model_source
+from trainables.model_source import resolve_model_source
 from trainables.teacher import TeacherRequest, finetune_teacher, teacher_dir
 
 role, base, root, cache, sync = sys.argv[1:]

@@ -8,7 +8,6 @@ classification head is always freshly initialised, as in the study's code (paper
 from __future__ import annotations
 
 import copy
-import shutil
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,9 +24,9 @@ from transformers import (
 
 from trainables.config import PretrainedInit, StudentConfig
 from trainables.mapping import init_layers
+from trainables.model_source import resolve_model_source
 from trainables.views import ModelView
 
-MLFLOW_URI_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
 # Every teacher and student this process built, while something still references it: a Tune
 # worker reused for the next trial must not keep the last trial's models (and their GPU memory).
@@ -44,28 +43,6 @@ def live_models() -> list[nn.Module]:
     """The models built here that are still referenced from somewhere."""
     return list(_LIVE_MODELS)
 
-
-def resolve_model_source(ref: str) -> str:
-    """A local directory for `from_pretrained`: MLflow URIs are downloaded, hub ids pass through."""
-    if ref.startswith(MLFLOW_URI_PREFIXES):
-        import mlflow
-
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref))
-        tokenizer = local / "components" / "tokenizer"
-        if (local / "model" / "config.json").exists() and tokenizer.is_dir():
-            # An MLflow transformers model keeps its tokenizer apart; `from_pretrained` wants both in one folder.
-            for file in tokenizer.iterdir():
-                if not (local / "model" / file.name).exists():
-                    shutil.copy2(file, local / "model" / file.name)
-            return str(local / "model")
-        nested = [p.parent for p in local.rglob("config.json")]
-        return str(nested[0] if nested else local)
-    path = Path(ref).expanduser()
-    if path.exists():
-        return str(path.resolve())
-    if ref.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{ref!r}: no such model directory")
-    return ref
 
 
 def load_teacher(ref: str, num_labels: int) -> PreTrainedModel:

@@ -18,7 +18,8 @@ from trainables.config import PretrainConfig
 from trainables.corpus import block_splits, load_corpus, mlm_collator
 from trainables.data import TaskData
 from trainables.distiller import make_terms, pretrain_stages
-from trainables.models import build_student, load_masked_lm_teacher, resolve_model_source
+from trainables.model_source import resolve_model_source
+from trainables.models import build_student, load_masked_lm_teacher
 from trainables.precision import make_accelerator
 from trainables.run import RunParts, check_teacher, train
 from trainables.training import Reporter, StepCallback

@@ -20,7 +20,8 @@ from trainables.config import PretrainConfig, RunConfig, RunSettings, check_agai
 from trainables.data import TaskData, load_task_data
 from trainables.distiller import Distiller, StagePlan, build_modules, make_terms, plan_stages
 from trainables.mapping import layer_pairs
-from trainables.models import build_student, encoder_layers, load_teacher, resolve_model_source, save_model
+from trainables.model_source import resolve_model_source
+from trainables.models import build_student, encoder_layers, load_teacher, save_model
 from trainables.objectives import ModuleContext
 from trainables.precision import make_accelerator
 from trainables.tasks import resolve_task

@@ -25,7 +25,8 @@ from trainables.cache import cache_root
 from trainables.config import LocalTask, RunSettings, StrictModel, TrainingConfig
 from trainables.data import load_task_data
 from trainables.distiller import StagePlan
-from trainables.models import resolve_model_source, save_model
+from trainables.model_source import resolve_model_source
+from trainables.models import save_model
 from trainables.precision import make_accelerator
 from trainables.run import RunParts, build_loop
 from trainables.tasks import resolve_task
