@@ -98,7 +98,9 @@ class MlflowWriter:
                     found = run.info.run_id
                 self.run_ids[key] = found
             return self.run_ids[key]
-        run_id = self.run_ids[key]
+        run_id = self.run_ids.get(key)
+        if run_id is None:
+            raise RefusedRecord(f"{kind} for {key}: the journal holds no run created for it")
         if kind == "params":
             # MLflow accepts a param logged again with the same value; only a resend must skip what is held.
             existing = self.client.get_run(run_id).data.params if check else {}

@@ -134,8 +134,13 @@ class SweepTracker(Callback):
         self.journal.append({"op": "tags", "key": self.key(trial), "tags": {"student_logged": "true"}})
 
     def _close(self, trial: Any, outcome: TrialOutcome, state: str) -> None:
-        """Tag how the trial ended and end its run with the matching status (stopped: KILLED)."""
+        """Tag how the trial ended and end its run with the matching status (stopped: KILLED).
+
+        A trial whose actor died as it started (its node lost) fails without Tune's start event:
+        its run is created here, so that it too has a FAILED run with its reason."""
         key = self.key(trial)
+        if key not in self.journal.created:
+            self._open(trial)
         self.journal.append({"op": "tags", "key": key, "tags": outcome_tags(state, outcome)})
         self.journal.append({"op": "end", "key": key, "status": outcome.mlflow_status})
         write_outcome(trial, outcome)

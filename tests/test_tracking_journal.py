@@ -6,15 +6,19 @@ from __future__ import annotations
 import json
 import os
 import socket
+from types import SimpleNamespace
 
 import pytest
 from mlflow import MlflowClient
+from pyarrow.fs import LocalFileSystem
 
 from orchestrator.experiment_state import LAST_COMPLETE, repair
 from orchestrator.journal import DELIVERED_FILE, JOURNAL_FILE, Journal, undelivered
 from orchestrator.messages import UserError
+from orchestrator.mlflow_callback import SweepTracker
 from orchestrator.report import tune_trial_states
 from orchestrator.tracking import ensure_experiment
+from orchestrator.trials import TrialTemplate
 from sweep_helpers import sqlite_store
 
 KEY = "sweep/trial_1"
@@ -181,3 +185,39 @@ def test_a_state_file_cut_by_a_kill_is_read_and_repaired_from_the_last_complete_
     assert tune_trial_states(tmp_path) == {"t1": "PENDING"}, "status reads the last complete snapshot"
     assert repair(tmp_path) and json.loads(current.read_text())["trial_data"]
     assert not repair(tmp_path), "a complete file is left alone"
+
+
+def test_a_record_for_a_run_never_created_is_skipped_and_the_rest_delivered(tmp_path, store):
+    """Found by the rehearsal: one such record held back every later one, the sweep's to the end."""
+    uri, experiment, parent = store
+    journal = Journal(tmp_path / "sweep", uri, experiment, {"sweep": parent})
+    journal.append({"op": "tags", "key": "sweep/never", "tags": {"a": "b"}})
+    journal.append({"op": "tags", "key": "sweep", "tags": {"after": "yes"}})
+    result = journal.deliver_all(attempts=2)
+    journal.close()
+    assert result.left == 0 and len(result.dropped) == 1 and "sweep/never" in result.dropped[0]
+    assert "no run created" in result.dropped[0]
+    assert MlflowClient(uri).get_run(parent).data.tags["after"] == "yes"
+
+
+def test_a_trial_that_fails_before_tune_starts_it_gets_a_failed_run_with_its_reason(tmp_path, store):
+    """An actor that dies as it starts (its node lost) fails the trial with no start event."""
+    uri, experiment, parent = store
+    error_file = tmp_path / "error.txt"
+    error_file.write_text("Traceback ...\nActorUnavailableError: the actor is unavailable\n")
+    base = {"task": "demo", "teacher": "/teachers/tiny", "student": {"num_layers": 2, "init": "lower"},
+            "objectives": [{"name": "kd"}], "training": {"max_steps": 12, "eval_steps": 4}}
+    tracker = SweepTracker(uri, experiment, parent, "tiny", TrialTemplate(base), tmp_path / "sweep")
+    (tmp_path / "trial").mkdir()
+    trial = SimpleNamespace(trial_id="t0", config={}, last_result={}, error_file=str(error_file),
+                            path=str(tmp_path / "trial"), storage=SimpleNamespace(storage_filesystem=LocalFileSystem()))
+    tracker.on_trial_error(0, [trial], trial)
+    journal = tracker.journal  # delivering in its background thread, as in a sweep's driver
+    left = journal.drain(timeout_s=120)
+    journal.close()
+    assert left == 0 and not journal.dropped, journal.dropped
+    runs = MlflowClient(uri).search_runs([experiment], filter_string="tags.ray_trial_id = 't0'")
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    assert runs[0].data.tags["mlflow.parentRunId"] == parent
+    assert "the actor is unavailable" in runs[0].data.tags["trial_outcome_detail"]
+    assert json.loads((tmp_path / "trial" / "outcome.json").read_text())["outcome"] == "failed"
