@@ -183,7 +183,7 @@ def test_two_stage_trials_are_judged_only_in_their_prediction_stage(searched_swe
     done, spec, work = searched_sweeps["two_stage"]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = trial_results(work / "sweeps" / "two_stage")
-    assert len(results) == 6
+    assert len(results) == 6, done.stdout[-3000:] + done.stderr[-3000:]
     two_stage = {t: rows for t, rows in results.items() if rows[0]["total_steps"] == 24}  # 12 steps a stage
     assert two_stage, "no trial drew the two-stage mix"
     for rows in two_stage.values():
