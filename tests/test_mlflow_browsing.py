@@ -43,8 +43,9 @@ def finished_sweep(tiny_demo_teacher, demo_cache, tmp_path_factory, ray_address)
     return work
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def chromium() -> str:
+    """Module-scoped so that it is set up (and skips) before the module's sweep runs for nothing."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if not browser:
         pytest.skip("no headless browser here: install chromium (Debian: apt-get install chromium), or run .ci/run")
