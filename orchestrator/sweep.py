@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from orchestrator import tune_reset_retry
 from orchestrator.config import GPU_AUTO, SweepSpec
 from orchestrator.console import RAY_LOG, SweepProgress, TableLog, log_tune_to
 from orchestrator.experiment_state import repair
@@ -222,6 +223,7 @@ def run_tuner(state: SweepState, address: str | None, restore: bool, retry_error
               verbose: bool = False) -> Any:
     from ray import tune
 
+    tune_reset_retry.install()
     spec = state.sweep_spec
     searcher = SEARCHERS[spec.search.algorithm]
     os.environ[STRICT_METRIC_CHECK] = "1"  # metric names were checked before launch (metric_names)

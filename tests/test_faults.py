@@ -253,3 +253,53 @@ def test_lost_worker_node_moves_its_trials_to_the_head(tiny_demo_teacher, demo_c
         if driver is not None:
             kill_group(driver)
         cluster.stop()
+
+
+def test_trial_whose_reused_worker_dies_as_it_is_handed_over_gets_its_retry(tmp_path, ray_address):
+    """With `reuse_actors`, Tune hands the next trial to a finished trial's worker through `reset`. A worker
+    that dies then must cost the trial one retry, not end it in ERROR (orchestrator/tune_reset_retry.py)."""
+    import ray
+    from ray import tune
+
+    from orchestrator import tune_reset_retry
+
+    death = tmp_path / "die-at-next-reset"
+    death.touch()
+
+    class DiesAtItsFirstReset(tune.Trainable):  # defined here: Ray ships it to the worker by value
+        def setup(self, config: dict) -> None:
+            self.steps = 0
+
+        def step(self) -> dict:
+            self.steps += 1
+            return {"score": self.steps, "pid": os.getpid(), "done": self.steps >= 2}
+
+        def reset_config(self, new_config: dict) -> bool:
+            if os.path.exists(new_config["death"]):
+                os.remove(new_config["death"])
+                os._exit(1)
+            self.steps = 0
+            return True
+
+        def save_checkpoint(self, checkpoint_dir: str) -> None:
+            return None
+
+        def load_checkpoint(self, checkpoint: dict) -> None:
+            return None
+
+    tune_reset_retry.install()
+    ray.init(address=ray_address, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    try:
+        results = tune.Tuner(
+            DiesAtItsFirstReset,
+            param_space={"seed": tune.grid_search([1, 2, 3]), "death": str(death)},
+            tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=1),
+            run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name="handover", verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=1)),
+        ).fit()
+    finally:
+        ray.shutdown()
+    assert not death.exists(), "no worker died while being reset, so this proved nothing"
+    assert [r.error for r in results] == [None] * 3, [repr(r.error)[:300] for r in results]
+    assert [r.metrics["score"] for r in results] == [2, 2, 2]
+    assert len({r.metrics["pid"] for r in results}) == 2, "the retry runs in a new worker, the next trial reuses it"
