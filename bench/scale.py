@@ -75,7 +75,7 @@ class Size:
 
 
 SIZES = {
-    "smallest": Size(tasks=3, mixes=3, inits=2, seeds=2, outage_s=8),    # 36 trials, CI
+    "smallest": Size(tasks=2, mixes=2, inits=2, seeds=2, outage_s=8),    # 16 trials, CI
     "small": Size(tasks=4, mixes=9, inits=2, seeds=2, outage_s=20),      # 144
     "full": Size(tasks=7, mixes=9, inits=3, seeds=4, outage_s=60),       # 756, the paper's grid
 }

@@ -33,9 +33,12 @@ def test_smallest_rehearsal_keeps_every_trial_and_evaluation_exactly_once(tmp_pa
     failed = {name: check["detail"] for name, check in result["consistency"]["checks"].items() if not check["ok"]}
     assert done.returncode == 0 and not failed, f"{failed}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert result["consistency"]["ok"] is True
-    assert result["trials"] == 36 and result["size_name"] == "smallest"
+    from bench.scale import SIZES  # here, not at the top: it imports the orchestrator, which collection need not
+
+    trials = SIZES["smallest"].trials
+    assert result["trials"] == trials and result["size_name"] == "smallest"
     events = result["events"]
-    assert events["worker_killed"]["at_done"] < 36 and events["driver_killed_at_done"] < 36
+    assert events["worker_killed"]["at_done"] < trials and events["driver_killed_at_done"] < trials
     assert events["worker_killed"]["running_trials_on_it"], "the lost node was training a trial, which had to move"
     for trial, steps in events["moved_trials_steps"].items():
         assert steps.count(steps[0]) == 1, f"{trial} started again from zero after its node was lost: {steps}"
