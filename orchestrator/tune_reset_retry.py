@@ -31,7 +31,8 @@ def install() -> None:
     def trial_task_failure(self: Any, trial: Trial, exception: Exception) -> None:
         if isinstance(exception, RayActorError) and trial.status == Trial.PENDING:
             # The reset task of a worker that died: Tune's actor-failure callback, which runs first,
-            # has already counted the failure and requeued the trial (or ended it, retries spent).
+            # has already counted the failure and requeued the trial. (With its retries spent, that
+            # callback ended it in ERROR, and the trial does not reach this branch.)
             self._resetting_trials.discard(trial)
             return
         original(self, trial, exception)
