@@ -48,6 +48,7 @@ import yaml
 from bench.common import ROOT, cpu_model, log, rounded
 from orchestrator.journal import undelivered
 from orchestrator.report import read_result_rows
+from orchestrator.tracking import without_server_jobs
 
 PAPER_SPACE = ROOT / "search_spaces" / "paper_task_specific.yaml"
 SWEEP_NAME = "scale"
@@ -295,7 +296,7 @@ class MlflowServer:
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", f"sqlite:///{self.db}", "--default-artifact-root", str(self.folder / "mlartifacts"),
              "--workers", "1", "--uvicorn-opts", "--access-log"],
-            env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env=without_server_jobs(self.env), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
         wait_for_port(self.port, 180, "mlflow server")
 

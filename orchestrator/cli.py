@@ -542,7 +542,7 @@ def ui(
     the URL of the sweep's runs page."""
     import subprocess
 
-    from orchestrator.tracking import default_tracking_uri, redact, runs_page_url, with_credentials
+    from orchestrator.tracking import default_tracking_uri, redact, runs_page_url, with_credentials, without_server_jobs
 
     uri = default_tracking_uri()
     experiment_id = None
@@ -558,10 +558,9 @@ def ui(
     page = runs_page_url(server, experiment_id) if experiment_id else server
     console.print(f"MLflow UI for {redact(uri)} (Ctrl-C stops it); the sweep's runs:\n{page}", soft_wrap=True)
     # the store's URI through the environment: a command line is visible to every user of the machine
-    raise typer.Exit(
-        subprocess.call([sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(port)],
-                        env=os.environ | {"MLFLOW_BACKEND_STORE_URI": with_credentials(uri)})
-    )
+    env = without_server_jobs(dict(os.environ)) | {"MLFLOW_BACKEND_STORE_URI": with_credentials(uri)}
+    raise typer.Exit(subprocess.call([sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(port)],
+                                     env=env))
 
 
 @app.command()

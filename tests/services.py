@@ -22,6 +22,8 @@ from typing import TypeVar
 
 import pytest
 
+from orchestrator.tracking import without_server_jobs
+
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_CLUSTER = ROOT / "cluster" / "local"
 VENV_BIN = Path(sys.executable).parent
@@ -62,7 +64,8 @@ def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
          "--default-artifact-root", str(folder / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=without_server_jobs(dict(os.environ)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         wait_for(lambda: server.poll() is not None or answers(f"http://127.0.0.1:{port}/health"),

@@ -16,6 +16,7 @@ from xml.etree import ElementTree
 
 import mlflow
 import pandas as pd
+import psutil
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -62,6 +63,18 @@ def rendered_text(browser: str, url: str) -> str:
     return "\n".join(line.strip() for line in re.sub(r"<[^>]+>", "\n", text).splitlines() if line.strip())
 
 
+def job_runners(session: int) -> list[str]:
+    """Command lines of MLflow job-execution processes in the process session `session`."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if os.getsid(process.pid) == session and "mlflow.server.jobs" in " ".join(process.info["cmdline"] or []):
+                found.append(" ".join(process.info["cmdline"]))
+        except OSError:
+            continue
+    return found
+
+
 def test_ui_prints_the_sweeps_training_runs_page_with_every_run(chromium, finished_sweep, demo_cache):
     port = free_port()
     ui = subprocess.Popen(
@@ -76,6 +89,8 @@ def test_ui_prints_the_sweeps_training_runs_page_with_every_run(chromium, finish
         wait_for(lambda: ui.poll() is not None or answers(f"http://127.0.0.1:{port}/health"),
                  what="`distillsweep ui` to answer", timeout=180)
         assert ui.poll() is None, f"`distillsweep ui` exited with {ui.returncode}"
+        # MLflow launches its GenAI job runner before the server answers, when job execution is on
+        assert not job_runners(ui.pid), "`distillsweep ui` started MLflow's job runner"
         text = rendered_text(chromium, page.group(0))
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
