@@ -5,9 +5,10 @@ trial's process, so a server that is down loses them and one that is slow holds 
 thread. Here a background thread samples with the same monitors (CPU and memory, MLflow's own
 rewritten here; NVIDIA or AMD GPUs where their libraries see one) and each report carries the
 means since the previous one under MLflow's names (`system/cpu_utilization_percentage`,
-`system/gpu_0_utilization_percentage`, ...), which the MLflow UI shows in its System metrics tab. They travel with the trial's metrics
-through the sweep's journal, at the evaluation's step. CPU, memory and GPU figures are the
-node's and each device's as the driver libraries see them, not this trial's share.
+`system/gpu_0_utilization_percentage`, ...), which the MLflow UI shows in its System metrics tab.
+They travel with the trial's metrics through the sweep's journal, at the evaluation's step. CPU,
+memory and GPU figures are the node's and each device's as the driver libraries see them, not
+this trial's share.
 """
 
 from __future__ import annotations
