@@ -46,6 +46,11 @@ FORWARDED_ENV = frozenset({
 })
 FORWARDED_PREFIXES = ("DISTILLSWEEP_",)
 SECRET_NAME = re.compile("SECRET|TOKEN|PASSWORD|KEY|CREDENTIAL", re.IGNORECASE)
+# With `reuse_actors`, Tune gives a worker its next trial only once the last trial's thread has ended,
+# and waits TUNE_FUNCTION_THREAD_TIMEOUT_S for it (2 s by default): past that it ends the next trial in
+# ERROR, unretried. A stopped trial first frees its models and removes its scratch copies, which took
+# longer than 2 s on a loaded 2-core machine (the suite's two-stage sweep lost a trial to it).
+HANDOVER_WAIT = ("TUNE_FUNCTION_THREAD_TIMEOUT_S", "600")
 
 
 def forwarded_env(tracking_uri: str) -> dict[str, str]:
@@ -67,17 +72,24 @@ def keep_cloud_keys_out_of_trials() -> None:
                                          if not SECRET_NAME.search(name)}
 
 
+def trial_env(spec: SweepSpec, tracking_uri: str) -> dict[str, str]:
+    """The environment every trial worker of the sweep starts with (Ray's runtime env)."""
+    name, default = HANDOVER_WAIT
+    return {
+        "OMP_NUM_THREADS": str(max(1, int(spec.resources.cpu))),
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "TOKENIZERS_PARALLELISM": "false",
+        name: os.environ.get(name, default),
+    } | forwarded_env(tracking_uri)
+
+
 def init_ray(address: str | None, spec: SweepSpec, tracking_uri: str, verbose: bool = True) -> None:
     import ray
 
     keep_cloud_keys_out_of_trials()
     if ray.is_initialized():
         return
-    env = {
-        "OMP_NUM_THREADS": str(max(1, int(spec.resources.cpu))),
-        "OMP_WAIT_POLICY": "PASSIVE",
-        "TOKENIZERS_PARALLELISM": "false",
-    } | forwarded_env(tracking_uri)
+    env = trial_env(spec, tracking_uri)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").exists():

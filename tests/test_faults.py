@@ -303,3 +303,43 @@ def test_trial_whose_reused_worker_dies_as_it_is_handed_over_gets_its_retry(tmp_
     assert [r.error for r in results] == [None] * 3, [repr(r.error)[:300] for r in results]
     assert [r.metrics["score"] for r in results] == [2, 2, 2]
     assert len({r.metrics["pid"] for r in results}) == 2, "the retry runs in a new worker, the next trial reuses it"
+
+
+def test_a_worker_whose_stopped_trial_is_slow_to_tear_down_takes_the_next_trial(tmp_path, ray_address):
+    """Tune stops a trial inside `tune.report` and hands its worker the next trial once the trial's
+    thread has ended, waiting 2 s by default; past that it ends the next trial in ERROR, unretried. A
+    sweep's workers wait as long as a real teardown takes (orchestrator.sweep.HANDOVER_WAIT)."""
+    import ray
+    from ray import tune
+
+    from orchestrator.config import SweepSpec
+    from orchestrator.sweep import HANDOVER_WAIT, trial_env
+
+    def slow_to_tear_down(config: dict) -> None:
+        try:
+            for step in range(1, 100):
+                tune.report({"step": step, "pid": os.getpid()})
+        finally:
+            # Stands for the work a stopped distillation trial does here (freeing models, removing
+            # copies): longer than Tune's default wait of 2 s.
+            time.sleep(3)
+
+    spec = SweepSpec.model_validate({"name": "handover", "base": {"task": "rte", "teacher": "roberta-base"}})
+    env = trial_env(spec, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert env[HANDOVER_WAIT[0]] == os.environ.get(HANDOVER_WAIT[0], HANDOVER_WAIT[1])
+    ray.init(address=ray_address, runtime_env={"env_vars": env})
+    try:
+        results = tune.Tuner(
+            slow_to_tear_down,
+            # Two workers at a time (one CPU a trial). With one, a failed hand-over leaves Tune (2.60)
+            # waiting for a worker for good instead of failing the trial.
+            param_space={"seed": tune.grid_search([1, 2, 3, 4])},
+            tune_config=tune.TuneConfig(reuse_actors=True),
+            run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name="handover", verbose=0,
+                                      stop={"training_iteration": 2}),
+        ).fit()
+    finally:
+        ray.shutdown()
+    assert [r.error for r in results] == [None] * 4, [repr(r.error)[:300] for r in results]
+    assert [r.metrics["step"] for r in results] == [2, 2, 2, 2]
+    assert len({r.metrics["pid"] for r in results}) == 2, "each next trial ran in a stopped trial's worker"
