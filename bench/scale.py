@@ -224,11 +224,15 @@ class RayCluster:
         wait_for_port(self.port, 120, "the Ray head")
         self.add_worker()
 
+    def start_worker(self) -> subprocess.Popen:
+        """Start a worker node; it joins when it is up."""
+        self.workers_started += 1
+        return self._start(f"worker-{self.workers_started}", "--address", self.address)
+
     def add_worker(self) -> subprocess.Popen:
         """Start a worker node and wait until its raylet runs and `ray status` shows head + one
         worker active (a lost node may still be listed for a while: then its raylet is the sign)."""
-        self.workers_started += 1
-        proc = self._start(f"worker-{self.workers_started}", "--address", self.address)
+        proc = self.start_worker()
         deadline = time.time() + 120
         while not (self.raylets(proc) and self.active_nodes() >= 2):
             if proc.poll() is not None or time.time() > deadline:
@@ -614,8 +618,10 @@ class Rehearsal:
             raise RuntimeError(f"the sweep driver exited before any result (see {first.log})")
         self.events["first_result_s"] = round(time.time() - started, 1)
 
-        # Fault 1: the worker node is lost for good at 25%; a fresh worker joins a little later.
-        if not self.wait(lambda: self.watch.done >= n // 4, first, "25% of trials"):
+        # Fault 1: the worker node is lost for good at 25%; a fresh worker starts at once and joins
+        # when it is up. Nothing here waits on it: at the smallest size the sweep's last trials would
+        # end meanwhile, before the faults below.
+        if not self.wait(lambda: self.watch.done >= n // 4, first, "25% of trials", every=0.1):
             raise RuntimeError(f"the sweep driver exited early (see {first.log})")
         # Kill it while it trains a trial that has reported (so holds a checkpoint): that trial has
         # to move to the head and go on from its checkpoint. Trials here last a second or two.
@@ -626,17 +632,22 @@ class Rehearsal:
         self.cluster.kill_worker_raylet()
         self.events["worker_killed"] = {"at_done": self.watch.done, "running_trials_on_it": on_node}
         log(f"killed the worker node's raylet at {self.watch.done} trials done; {len(on_node)} running trials on it")
-        time.sleep(5)
-        self.cluster.add_worker()
+        self.cluster.start_worker()
 
         # Fault 2 and 3: at 50% MLflow goes down, the driver is SIGKILLed while it is down and
         # the sweep resumed; the server comes back `outage_s` after it went down.
-        if not self.wait(lambda: self.watch.done >= n // 2, first, "50% of trials"):
+        if not self.wait(lambda: self.watch.done >= n // 2, first, "50% of trials", every=0.1):
             raise RuntimeError(f"the sweep driver exited early (see {first.log})")
         down_at = time.time()
         self.mlflow.crash()
-        self.wait(lambda: time.time() - down_at >= self.size.outage_s / 2, first, "half the outage")
+        # Kill it once a trial has reported into the outage, so it holds results MLflow has not taken,
+        # and before the sweep can end (a time into the outage raced the last trials on a busy machine).
+        if not self.wait(lambda: self.watch.last_change > down_at, first, "a result while MLflow is down",
+                         timeout=300, every=0.1):
+            raise RuntimeError(f"the sweep driver exited before a trial reported with MLflow down (see {first.log})")
         done_at_kill = self.watch.done
+        if done_at_kill >= n:
+            raise RuntimeError(f"all {n} trials ended before the driver could be killed: the resume would prove nothing")
         first.kill()
         log(f"MLflow down; driver SIGKILLed at {done_at_kill} trials done; resuming")
         resumed_at = time.time()
