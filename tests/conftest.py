@@ -7,6 +7,7 @@ DISTILLSWEEP_REQUIRE_ALL=1 (as `.ci/run` sets) every skip is a failure, so CI ca
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -146,6 +147,15 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def ray_address(ray_cluster) -> str:
     return ray_cluster.address
+
+
+@pytest.fixture(autouse=True)
+def no_mlflow_uri_left_behind():
+    """Code run in the test process may set MLflow's process-wide tracking URI (registering students
+    does): the next test in this process must find MLFLOW_TRACKING_URI in charge again."""
+    yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(None)
 
 
 @pytest.fixture(scope="session", autouse=True)
