@@ -427,6 +427,7 @@ class Watch:
     sizes: dict[Path, int] = field(default_factory=dict)
     done_at: dict[str, float] = field(default_factory=dict)
     last_pid: dict[str, int] = field(default_factory=dict)
+    checkpointed_pid: dict[str, int] = field(default_factory=dict)
     last_change: float = 0.0
     state_series: list[tuple[float, int, int]] = field(default_factory=list)
 
@@ -443,6 +444,11 @@ class Watch:
                 self.last_change = time.time()
                 last, trial = rows[-1], path.parent.name
                 self.last_pid[trial] = last.get("pid", 0)
+                # A reported checkpoint is Tune's only once the trial's `save` call has returned, and
+                # Tune asks the trial for its next result only after that: a second result from one
+                # process means Tune holds that process's first checkpoint and would restore it.
+                if sum(row.get("pid") == last.get("pid") for row in rows) >= 2:
+                    self.checkpointed_pid[trial] = last.get("pid", 0)
                 if last.get("step", 0) >= last.get("total_steps", math.inf):
                     self.done_at.setdefault(trial, time.time())
         states = list(self.folder.glob("experiment_state-*.json"))
@@ -578,9 +584,11 @@ class Rehearsal:
         self.cluster = RayCluster(self.env, out)
         self.watch = Watch(self.sweep_dir, self.cluster.temp_dir)
 
-    def checkpointed_trial_on_worker(self) -> bool:
+    def checkpointed_trials_on_worker(self) -> list[str]:
+        """The unfinished trials training on the worker node from a checkpoint Tune holds."""
         on_worker = self.cluster.worker_pids()
-        return any(pid in on_worker for t, pid in self.watch.last_pid.items() if t not in self.watch.done_at)
+        return sorted(t for t, pid in self.watch.checkpointed_pid.items()
+                      if t not in self.watch.done_at and pid == self.watch.last_pid[t] and pid in on_worker)
 
     def wait(self, until: Any, driver: Driver, what: str, timeout: float = 7200, every: float = 1.0) -> bool:
         """Poll the sweep until `until()`; False if the driver exits first. Prints progress."""
@@ -623,12 +631,17 @@ class Rehearsal:
         # end meanwhile, before the faults below.
         if not self.wait(lambda: self.watch.done >= n // 4, first, "25% of trials", every=0.1):
             raise RuntimeError(f"the sweep driver exited early (see {first.log})")
-        # Kill it while it trains a trial that has reported (so holds a checkpoint): that trial has
-        # to move to the head and go on from its checkpoint. Trials here last a second or two.
-        self.wait(self.checkpointed_trial_on_worker, first, "a checkpointed trial training on the worker node",
+        # Kill it while it trains a trial whose checkpoint Tune holds: that trial has to move to the
+        # head and go on from its checkpoint. Trials here last a second or two. (A trial killed between
+        # its first result and Tune's taking that result's checkpoint starts again from zero, rightly.)
+        on_node: list[str] = []
+
+        def checkpointed_trial_on_worker() -> bool:
+            on_node[:] = self.checkpointed_trials_on_worker()
+            return bool(on_node)
+
+        self.wait(checkpointed_trial_on_worker, first, "a checkpointed trial training on the worker node",
                   timeout=300, every=0.1)
-        on_worker = self.cluster.worker_pids()
-        on_node = sorted(t for t, pid in self.watch.last_pid.items() if t not in self.watch.done_at and pid in on_worker)
         self.cluster.kill_worker_raylet()
         self.events["worker_killed"] = {"at_done": self.watch.done, "running_trials_on_it": on_node}
         log(f"killed the worker node's raylet at {self.watch.done} trials done; {len(on_node)} running trials on it")
