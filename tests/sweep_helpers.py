@@ -82,7 +82,10 @@ def sqlite_store(folder: Path) -> str:
 
 
 def tiny_space(teacher: str, tmp: Path, **fields: Any) -> dict[str, Any]:
-    """A small real sweep on the demo task with the tiny teacher: a few seconds per trial."""
+    """A small real sweep on the demo task with the tiny teacher: a few seconds per trial.
+
+    One trial at a time unless a test asks for more: each concurrent trial is one more worker
+    process, which imports torch and transformers (about 6 s of CPU) before it trains at all."""
     spec = {
         "name": "tiny",
         "base": {
@@ -95,7 +98,7 @@ def tiny_space(teacher: str, tmp: Path, **fields: Any) -> dict[str, Any]:
         },
         "space": {"objectives.mix": {"grid": [["kd"], ["kd", "hidden_mse"]]}},
         "resources": {"cpu": 1},
-        "max_concurrent_trials": 2,
+        "max_concurrent_trials": 1,
         "storage": str(tmp / "sweeps"),
         "tracking": {"uri": sqlite_store(tmp), "experiment": "tests"},
     }

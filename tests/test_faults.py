@@ -73,7 +73,8 @@ def long_space(teacher: str, tmp: Path, **fields) -> dict:
 
 
 def test_killed_trial_processes_resume_from_their_checkpoints(tiny_demo_teacher, demo_cache, tmp_path, ray_address):
-    spec = long_space(tiny_demo_teacher, tmp_path, space={"training.seed": {"grid": [1, 2]}}, max_failures=2)
+    spec = long_space(tiny_demo_teacher, tmp_path, space={"training.seed": {"grid": [1, 2]}}, max_failures=2,
+                      max_concurrent_trials=2)
     spec["base"]["training"].update(max_steps=120)  # the kill lands mid-training
     uri = spec["tracking"]["uri"]
     driver = start_cli(["sweep", str(write_space(spec, tmp_path / "s.yaml"))], demo_cache, tmp_path, ray_address)
@@ -113,7 +114,7 @@ def test_mlflow_down_driver_killed_resumed_and_server_back_loses_nothing(
     server = start_mlflow_server(tmp_path, port)
     uri = f"http://127.0.0.1:{port}"
     spec = long_space(tiny_demo_teacher, tmp_path, space={"training.seed": {"grid": [1, 2, 3]}},
-                      tracking={"uri": uri, "experiment": "tests"})
+                      tracking={"uri": uri, "experiment": "tests"}, max_concurrent_trials=2)
     # Long enough that the driver is killed mid-training: trials of 40 steps can all end before it.
     spec["base"]["training"].update(max_steps=120)
     space_file = write_space(spec, tmp_path / "s.yaml")
@@ -188,7 +189,7 @@ def failing_sweeps(tiny_demo_teacher, demo_cache, tmp_path_factory, ray_address)
     diverging = tmp_path_factory.mktemp("diverging")
     # Names of their own: Ray stages a driver's files under the sweep's name and start second.
     spec = tiny_space(tiny_demo_teacher, diverging, name="diverging",
-                      space={"training.learning_rate": {"grid": [1e-3, 1e12]}}, max_failures=1)
+                      space={"training.learning_rate": {"grid": [1e-3, 1e12]}}, max_failures=1, max_concurrent_trials=2)
     spec["base"]["objectives"] = [{"name": "hidden_mse", "weight": 1.0}]
     spec["base"]["training"].update(max_grad_norm=0.0, warmup_ratio=0.0)
     all_fail = tmp_path_factory.mktemp("all-fail")
@@ -230,7 +231,8 @@ def test_lost_worker_node_moves_its_trials_to_the_head(tiny_demo_teacher, demo_c
     driver = None
     try:
         assert cluster.started.returncode == 0, cluster.started.stderr[-4000:]
-        spec = long_space(tiny_demo_teacher, tmp_path, space={"training.seed": {"grid": [1, 2, 3]}}, max_failures=3)
+        spec = long_space(tiny_demo_teacher, tmp_path, space={"training.seed": {"grid": [1, 2, 3]}}, max_failures=3,
+                          max_concurrent_trials=2)
         driver = start_cli(["sweep", str(write_space(spec, tmp_path / "s.yaml"))], demo_cache, tmp_path,
                            cluster.address)
         folder = tmp_path / "sweeps" / "tiny"

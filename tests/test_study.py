@@ -34,13 +34,13 @@ def test_study_distils_two_objectives_fine_tunes_each_and_reports_them(
                              "eval_steps": 3},
             },
             "space": {"objectives.mix": {"grid": [["hidden_mse"], ["att_kl"]]}},
-            "max_concurrent_trials": 2,
+            "max_concurrent_trials": 1,
         },
         "finetune": {
             "base": {"task": "demo", "training": {"per_device_train_batch_size": 32, "max_seq_length": 48,
                                                   "max_steps": 6, "eval_steps": 3}},
             "space": {"training.learning_rate": {"grid": [1e-3, 3e-4]}},
-            "max_concurrent_trials": 2,
+            "max_concurrent_trials": 1,
         },
     }
     path = tmp_path / "study.yaml"
