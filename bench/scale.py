@@ -661,6 +661,7 @@ class Rehearsal:
         done_at_kill = self.watch.done
         if done_at_kill >= n:
             raise RuntimeError(f"all {n} trials ended before the driver could be killed: the resume would prove nothing")
+        driver_killed_at = time.time()
         first.kill()
         log(f"MLflow down; driver SIGKILLed at {done_at_kill} trials done; resuming")
         resumed_at = time.time()
@@ -691,8 +692,11 @@ class Rehearsal:
         sweep_wall = time.time() - started
 
         # The trials the lost node was training: each step once means they went on from their checkpoint.
+        # Only the first driver's rows: the resumed one reruns, from Tune's last snapshot, whatever
+        # ended after it (a moved trial too, if it ended within that snapshot period), rightly.
         self.events["moved_trials_steps"] = {
-            trial: [row["step"] for row in read_rows(self.sweep_dir / trial / "result.json")]
+            trial: [row["step"] for row in read_rows(self.sweep_dir / trial / "result.json")
+                    if row["timestamp"] < driver_killed_at]
             for trial in self.events["worker_killed"]["running_trials_on_it"]
         }
         resume_log = second.log.read_text(errors="replace")
