@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -63,6 +64,7 @@ LONGEST_MODULES_FIRST = (
     "test_gpu_packing.py",  # 31
     "test_disk.py",  # 31
     "test_study.py",  # 28
+    "test_compile.py",  # 10 with inductor's cache warm, 40 on a fresh machine (it compiles cold)
 )
 
 
@@ -121,29 +123,40 @@ def teacher_dir(tmp_path_factory, tiny_bert) -> str:
 
 
 @pytest.fixture(scope="session")
-def demo_cache(tmp_path_factory: pytest.TempPathFactory):
-    """A cache folder shared by the session: tokenised demo data and tiny teachers."""
-    return tmp_path_factory.mktemp("cache")
+def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder shared by the session, and by both xdist processes: tokenised demo data and tiny
+    teachers, built once for the run. The product writes its caches under locks and atomic renames
+    (trials of one sweep share a cache the same way), so two processes may fill it at once."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # xdist gives each process a folder under one run folder
+    path = root / "demo-cache"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="session")
 def tiny_demo_teacher(demo_cache) -> str:
     """A 4-layer, 64-wide BERT trained from scratch on the demo tweets by `finetune_teacher`.
 
-    Uses the real MiniLM tokenizer; reaches about 0.78 validation accuracy in seconds.
+    Uses the real MiniLM tokenizer; reaches about 0.78 validation accuracy in seconds. Trained by the
+    first process to ask; the other waits on the lock and reuses it (the same request finds it).
     """
     from transformers import AutoTokenizer
 
     from trainables.config import TrainingConfig
     from trainables.demo import demo_teacher_base
     from trainables.teacher import TeacherRequest, finetune_teacher
+    from trainables.teacher_cache import exclusive_lock
 
-    torch.manual_seed(0)
     base = demo_cache / "tiny-base"
-    config = tiny_bert_config(layers=4, hidden=64, heads=4)
-    config.vocab_size, config.max_position_embeddings = 30522, 128
-    BertForSequenceClassification(config).save_pretrained(base)
-    AutoTokenizer.from_pretrained(demo_teacher_base()).save_pretrained(base)
+    with exclusive_lock(demo_cache / "tiny-base.lock"):
+        if not (base / "config.json").exists():
+            torch.manual_seed(0)
+            config = tiny_bert_config(layers=4, hidden=64, heads=4)
+            config.vocab_size, config.max_position_embeddings = 30522, 128
+            BertForSequenceClassification(config).save_pretrained(base)
+            AutoTokenizer.from_pretrained(demo_teacher_base()).save_pretrained(base)
     request = TeacherRequest(
         base_model=str(base),
         task="demo",
