@@ -45,8 +45,7 @@ def heatmaps(cells: pd.DataFrame, out_dir: Path, value: str) -> list[Path]:
         texts = {(r["configuration"], r["init"]): cell_text(r) for r in rows.to_dict("records")}
         scores = grid.to_numpy(dtype=float) * 100
         fig, ax = plt.subplots(figsize=(max(4.5, 2.2 + 1.8 * grid.shape[1]), 1.6 + 0.8 * grid.shape[0]))
-        cmap = plt.get_cmap("viridis").copy()
-        cmap.set_bad(MISSING_COLOUR)
+        cmap = plt.get_cmap("viridis").with_extremes(bad=MISSING_COLOUR)
         image = ax.imshow(scores, cmap=cmap, aspect="auto")
         for i, config in enumerate(grid.index):
             for j, init in enumerate(grid.columns):
